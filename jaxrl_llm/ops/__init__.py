@@ -1,0 +1,64 @@
+"""Pure, jittable RL math on arrays (no parameters, no I/O).
+
+Every function works under ``jax.jit``, ``jax.vmap`` and ``jax.grad``; losses return
+``(loss, metrics)``. See DESIGN.md "Public API contract" for the formulas.
+"""
+
+from jaxrl_llm.ops.advantages import (
+    GROUP_SCALES,
+    gae,
+    group_advantages,
+    last_valid_index,
+    rloo_advantages,
+    shape_token_rewards,
+)
+from jaxrl_llm.ops.kl import KL_KINDS, adaptive_kl_coef, kl_penalty
+from jaxrl_llm.ops.logprobs import entropy_from_logits, logprobs_from_hidden, token_logprobs
+from jaxrl_llm.ops.masked import (
+    AGGREGATION_MODES,
+    aggregate_loss,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+)
+from jaxrl_llm.ops.policy_losses import gspo_policy_loss, ppo_policy_loss, value_loss
+from jaxrl_llm.ops.preference_losses import (
+    DPO_KINDS,
+    bradley_terry_loss,
+    dpo_loss,
+    plackett_luce_loss,
+)
+from jaxrl_llm.ops.rewards import overlong_penalty, sequence_logprobs
+from jaxrl_llm.ops.supervised import sft_loss
+
+__all__ = [
+    "AGGREGATION_MODES",
+    "DPO_KINDS",
+    "GROUP_SCALES",
+    "KL_KINDS",
+    "adaptive_kl_coef",
+    "aggregate_loss",
+    "bradley_terry_loss",
+    "dpo_loss",
+    "entropy_from_logits",
+    "gae",
+    "group_advantages",
+    "gspo_policy_loss",
+    "kl_penalty",
+    "last_valid_index",
+    "logprobs_from_hidden",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "overlong_penalty",
+    "plackett_luce_loss",
+    "ppo_policy_loss",
+    "rloo_advantages",
+    "sequence_logprobs",
+    "sft_loss",
+    "shape_token_rewards",
+    "token_logprobs",
+    "value_loss",
+]

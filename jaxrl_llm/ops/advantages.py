@@ -1,0 +1,206 @@
+"""Advantage estimators: GAE (PPO), group-relative (GRPO family), leave-one-out (RLOO),
+and the token-level reward shaping of KL-regularised RLHF.
+
+Shapes: B batch, T response length, N number of scored responses in group layout
+(the G responses of each prompt stored contiguously: N = num_prompts · G).
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from jaxrl_llm.ops.masked import upcast
+
+GROUP_SCALES = ("group", "batch", "none")
+
+
+def gae(
+    rewards: chex.Array,
+    values: chex.Array,
+    mask: chex.Array,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[chex.Array, chex.Array]:
+    """Generalised advantage estimation over response tokens, by a reverse ``lax.scan``.
+
+      δ_t = r_t + γ·V_{t'} − V_t          (t' = next valid token; V after the last is 0)
+      A_t = δ_t + γλ·A_{t'}
+      R_t = A_t + V_t
+
+    Masked positions are skipped: they contribute nothing and the recursion is carried
+    across them unchanged, so a hole in the mask (e.g. a tool output inside a multi-turn
+    response) links the tokens on either side as if adjacent. Advantages and returns are
+    0 at masked positions. Inputs are treated as constants (stop-gradient). No whitening:
+    apply ``masked_whiten`` if wanted.
+
+    References:
+      Schulman et al. 2016, High-Dimensional Continuous Control Using GAE,
+      https://arxiv.org/abs/1506.02438
+
+    Args:
+      rewards: [B, T] float per-token reward (e.g. from ``shape_token_rewards``).
+      values: [B, T] float value estimates V(s_t).
+      mask: [B, T] 1.0 on valid response tokens.
+      gamma: discount γ.
+      lam: GAE λ.
+
+    Returns:
+      (advantages [B, T] float32, returns [B, T] float32).
+    """
+    chex.assert_rank([rewards, values, mask], 2)
+    chex.assert_equal_shape([rewards, values, mask])
+    rewards = jax.lax.stop_gradient(upcast(rewards))
+    values = jax.lax.stop_gradient(upcast(values))
+    valid = jnp.asarray(mask) > 0
+
+    def step(carry, xs):
+        next_value, next_adv = carry
+        r_t, v_t, valid_t = xs
+        delta = r_t + gamma * next_value - v_t
+        adv = delta + gamma * lam * next_adv
+        new_carry = (
+            jnp.where(valid_t, v_t, next_value),
+            jnp.where(valid_t, adv, next_adv),
+        )
+        return new_carry, jnp.where(valid_t, adv, 0.0)
+
+    batch = rewards.shape[0]
+    init = (jnp.zeros((batch,), values.dtype), jnp.zeros((batch,), values.dtype))
+    # Scan over time (axis 0 after the transpose), last token first.
+    _, adv_tb = jax.lax.scan(step, init, (rewards.T, values.T, valid.T), reverse=True)
+    advantages = adv_tb.T
+    returns = jnp.where(valid, advantages + values, 0.0)
+    return advantages, returns
+
+
+def _grouped(scores: chex.Array, group_size: int) -> chex.Array:
+    """[N] → [N / G, G], validating the group layout."""
+    chex.assert_rank(scores, 1)
+    if not isinstance(group_size, int) or group_size < 2:
+        raise ValueError(
+            f"group_size must be an int >= 2 (a baseline needs other samples), got {group_size!r}"
+        )
+    n = scores.shape[0]
+    if n % group_size:
+        raise ValueError(
+            f"scores has {n} entries, which is not a multiple of group_size={group_size} "
+            "(expected [num_prompts * group_size] in contiguous group layout)"
+        )
+    return upcast(scores).reshape(n // group_size, group_size)
+
+
+def _unbiased_std(x: chex.Array, axis=None, keepdims=False) -> chex.Array:
+    return jnp.std(x, axis=axis, ddof=1, keepdims=keepdims)
+
+
+def group_advantages(
+    scores: chex.Array,
+    group_size: int,
+    scale: str = "group",
+    eps: float = 1e-6,
+) -> chex.Array:
+    """Group-relative advantages of GRPO and its variants.
+
+      scale="group": (s − mean_g) / (std_g + eps)   GRPO (unbiased std)
+      scale="batch": (s − mean_g) / (std_batch + eps)  std of all raw scores
+      scale="none":  s − mean_g                       Dr. GRPO
+
+    A group whose scores are all equal (all right or all wrong) gets exactly 0 — it
+    carries no learning signal (DAPO's dynamic sampling drops such groups).
+
+    References:
+      Shao et al. 2024, DeepSeekMath (GRPO), https://arxiv.org/abs/2402.03300
+      Liu et al. 2025, Dr. GRPO, https://arxiv.org/abs/2503.20783
+
+    Args:
+      scores: [N] float sequence rewards, N = num_prompts · G, groups contiguous.
+      group_size: G ≥ 2.
+      scale: one of GROUP_SCALES.
+      eps: added to the std.
+
+    Returns:
+      [N] float32 advantages (constants: stop-gradient).
+    """
+    if scale not in GROUP_SCALES:
+        raise ValueError(f"scale must be one of {GROUP_SCALES}, got {scale!r}")
+    grouped = jax.lax.stop_gradient(_grouped(scores, group_size))
+    centred = grouped - jnp.mean(grouped, axis=1, keepdims=True)
+    if scale == "group":
+        adv = centred / (_unbiased_std(grouped, axis=1, keepdims=True) + eps)
+    elif scale == "batch":
+        adv = centred / (_unbiased_std(grouped) + eps)
+    else:
+        adv = centred
+    # The float mean of equal values need not equal them exactly; force the exact zero.
+    all_equal = jnp.max(grouped, axis=1, keepdims=True) == jnp.min(grouped, axis=1, keepdims=True)
+    return jnp.where(all_equal, 0.0, adv).reshape(-1)
+
+
+def rloo_advantages(scores: chex.Array, group_size: int) -> chex.Array:
+    """REINFORCE leave-one-out advantages: s_i − mean of the other G − 1 scores.
+
+    References:
+      Ahmadian et al. 2024, Back to Basics: REINFORCE-style optimisation for RLHF,
+      https://arxiv.org/abs/2402.14740
+
+    Args:
+      scores: [N] float, N = num_prompts · G, groups contiguous.
+      group_size: G ≥ 2.
+
+    Returns:
+      [N] float32 advantages (constants: stop-gradient).
+    """
+    grouped = jax.lax.stop_gradient(_grouped(scores, group_size))
+    others_mean = (jnp.sum(grouped, axis=1, keepdims=True) - grouped) / (group_size - 1)
+    all_equal = jnp.max(grouped, axis=1, keepdims=True) == jnp.min(grouped, axis=1, keepdims=True)
+    return jnp.where(all_equal, 0.0, grouped - others_mean).reshape(-1)
+
+
+def last_valid_index(mask: chex.Array) -> chex.Array:
+    """Index of the last position where ``mask`` is set, per row ([B, T] → [B] int32).
+
+    Rows with no valid position return −1.
+    """
+    chex.assert_rank(mask, 2)
+    valid = jnp.asarray(mask) > 0
+    t = valid.shape[-1]
+    positions = jnp.arange(t, dtype=jnp.int32)
+    return jnp.max(jnp.where(valid, positions, -1), axis=-1)
+
+
+def shape_token_rewards(
+    scores: chex.Array,
+    kl: chex.Array,
+    mask: chex.Array,
+    beta: float | chex.Array,
+) -> chex.Array:
+    """Token-level reward of KL-regularised RLHF (InstructGPT-style PPO).
+
+      r_t = −β·kl_t                     on every valid token
+      r_T = r_T + score                 on the LAST VALID token (never on padding)
+
+    References:
+      Ouyang et al. 2022, InstructGPT, https://arxiv.org/abs/2203.02155 (eq. 2)
+      Stiennon et al. 2020, https://arxiv.org/abs/2009.01325
+
+    Args:
+      scores: [B] float sequence score (reward model or verifier).
+      kl: [B, T] float per-token KL estimate (``kl_penalty``).
+      mask: [B, T] 1.0 on valid response tokens.
+      beta: KL coefficient β (float or scalar array, e.g. from the adaptive controller).
+
+    Returns:
+      [B, T] float32 rewards, exactly 0 on masked positions (constants: stop-gradient).
+    """
+    chex.assert_rank([scores, kl, mask], [1, 2, 2])
+    chex.assert_equal_shape([kl, mask])
+    chex.assert_equal_shape_prefix([scores, kl], 1)
+    scores = jax.lax.stop_gradient(upcast(scores))
+    kl = jax.lax.stop_gradient(upcast(kl))
+    valid = jnp.asarray(mask) > 0
+    last = last_valid_index(mask)
+    is_last = jnp.arange(kl.shape[-1])[None, :] == last[:, None]
+    rewards = -beta * kl + jnp.where(is_last, scores[:, None], 0.0)
+    return jnp.where(valid, rewards, 0.0)

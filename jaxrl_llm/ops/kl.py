@@ -1,0 +1,97 @@
+"""Per-token KL estimators and the adaptive KL coefficient.
+
+The estimators approximate KL(π‖π_ref) from tokens sampled from π, using only the
+log-probabilities of the sampled tokens (Schulman 2020). With r = π_ref/π:
+  k1 = −log r           unbiased, high variance, can be negative per token;
+  k2 = ½ (log r)²       biased, low variance; its gradient is the true KL gradient;
+  k3 = (r − 1) − log r  unbiased, low variance, always ≥ 0 (GRPO's default).
+"""
+
+from __future__ import annotations
+
+import chex
+import jax.numpy as jnp
+
+from jaxrl_llm.ops.masked import upcast
+
+KL_KINDS = ("k1", "abs", "k2", "k3")
+
+
+def kl_penalty(
+    logp: chex.Array,
+    ref_logp: chex.Array,
+    kind: str = "k3",
+    clamp: float | None = 10.0,
+) -> chex.Array:
+    """Per-token estimate of KL(π‖π_ref) from the sampled tokens' log-probs.
+
+      k1:  logp − ref_logp
+      abs: |logp − ref_logp|
+      k2:  ½ (logp − ref_logp)²
+      k3:  exp(ref_logp − logp) − (ref_logp − logp) − 1, clamped to [−clamp, clamp]
+
+    The k3 log-ratio is clamped to ±20 before ``exp`` so that a policy far from the
+    reference gives a large finite value, never inf. Neither input is stop-gradiented:
+    callers decide (``ref_logp`` normally carries no gradient).
+
+    References:
+      Schulman 2020, Approximating KL Divergence, http://joschu.net/blog/kl-approx.html
+
+    Args:
+      logp: [B, T] float log π(token).
+      ref_logp: [B, T] float log π_ref(token).
+      kind: one of KL_KINDS.
+      clamp: bound for k3 (None: no clamp).
+
+    Returns:
+      [B, T] float32 per-token estimate (the caller masks and aggregates).
+    """
+    if kind not in KL_KINDS:
+        raise ValueError(f"kind must be one of {KL_KINDS}, got {kind!r}")
+    chex.assert_equal_shape([logp, ref_logp])
+    log_ratio = upcast(logp) - upcast(ref_logp)
+    if kind == "k1":
+        return log_ratio
+    if kind == "abs":
+        return jnp.abs(log_ratio)
+    if kind == "k2":
+        return 0.5 * jnp.square(log_ratio)
+    neg_log_ratio = jnp.clip(-log_ratio, -20.0, 20.0)
+    k3 = jnp.exp(neg_log_ratio) - neg_log_ratio - 1.0
+    if clamp is not None:
+        k3 = jnp.clip(k3, -clamp, clamp)
+    return k3
+
+
+def adaptive_kl_coef(
+    coef: chex.Numeric,
+    current_kl: chex.Numeric,
+    n_steps: int,
+    target: float,
+    horizon: float,
+) -> chex.Array:
+    """Proportional KL controller of Ziegler et al. (2019).
+
+      err = clip(current_kl / target − 1, −0.2, 0.2)
+      coef ← coef · (1 + err · n_steps / horizon)
+
+    References:
+      Ziegler et al. 2019, Fine-Tuning Language Models from Human Preferences,
+      https://arxiv.org/abs/1909.08593 (§2.2)
+
+    Args:
+      coef: current β (scalar).
+      current_kl: measured KL of the last batch (scalar, per sequence).
+      n_steps: number of samples (or steps) since the last update.
+      target: target KL, > 0.
+      horizon: controller horizon, > 0.
+
+    Returns:
+      scalar float32 new β.
+    """
+    if target <= 0:
+        raise ValueError(f"target must be > 0, got {target}")
+    if horizon <= 0:
+        raise ValueError(f"horizon must be > 0, got {horizon}")
+    err = jnp.clip(upcast(current_kl) / target - 1.0, -0.2, 0.2)
+    return upcast(coef) * (1.0 + err * n_steps / horizon)

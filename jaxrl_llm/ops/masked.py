@@ -1,0 +1,146 @@
+"""Masked reductions and loss aggregation.
+
+Every reduction over tokens in jaxrl_llm goes through these functions, so that
+padding and prompt positions never leak into a statistic and an empty selection
+gives 0 instead of NaN.
+
+Shapes: B batch, T response length. ``mask`` is 1.0 on valid tokens, 0.0 elsewhere.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax.numpy as jnp
+
+AGGREGATION_MODES = (
+    "token_mean",
+    "seq_mean_token_mean",
+    "seq_mean_token_sum",
+    "seq_mean_token_sum_norm",
+)
+
+
+def upcast(x: chex.Array) -> chex.Array:
+    """Casts to float32, or keeps a wider float (float64 under x64, for gradient checks)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _as_float_mask(x: chex.Array, mask: chex.Array) -> chex.Array:
+    """Broadcasts ``mask`` to ``x``'s shape as float32, checking it can be."""
+    mask = jnp.asarray(mask)
+    try:
+        return jnp.broadcast_to(mask, jnp.shape(x)).astype(jnp.float32)
+    except ValueError as err:
+        raise ValueError(
+            f"mask of shape {mask.shape} does not broadcast to x of shape {jnp.shape(x)}"
+        ) from err
+
+
+def masked_sum(x: chex.Array, mask: chex.Array, axis=None) -> chex.Array:
+    """Σ x·mask over ``axis`` (all axes when None)."""
+    x = upcast(x)
+    return jnp.sum(x * _as_float_mask(x, mask), axis=axis)
+
+
+def masked_mean(x: chex.Array, mask: chex.Array, axis=None) -> chex.Array:
+    """Σ x·mask / Σ mask over ``axis``; 0 where the mask selects nothing."""
+    x = upcast(x)
+    m = _as_float_mask(x, mask)
+    count = jnp.sum(m, axis=axis)
+    total = jnp.sum(x * m, axis=axis)
+    # Double-where: the division is never evaluated at count == 0, so grads stay finite.
+    safe_count = jnp.where(count > 0, count, 1.0)
+    return jnp.where(count > 0, total / safe_count, 0.0)
+
+
+def masked_var(x: chex.Array, mask: chex.Array, unbiased: bool = True) -> chex.Array:
+    """Variance of the selected entries of ``x`` (a scalar).
+
+    unbiased=True divides by (n − 1) (Bessel's correction); with n ≤ 1 the result is 0.
+    """
+    x = upcast(x)
+    m = _as_float_mask(x, mask)
+    mean = masked_mean(x, m)
+    sq_dev_sum = jnp.sum(jnp.square(x - mean) * m)
+    n = jnp.sum(m)
+    denom = n - 1.0 if unbiased else n
+    safe_denom = jnp.where(denom > 0, denom, 1.0)
+    return jnp.where(denom > 0, sq_dev_sum / safe_denom, 0.0)
+
+
+def masked_whiten(
+    x: chex.Array, mask: chex.Array, shift_mean: bool = True, eps: float = 1e-8
+) -> chex.Array:
+    """(x − mean)·rsqrt(var + eps) over the selected entries (unbiased var).
+
+    With shift_mean=False the mean is added back (only the scale changes), as in
+    TRL/verl's ``masked_whiten``. Masked positions are returned as 0.
+    """
+    x = upcast(x)
+    m = _as_float_mask(x, mask)
+    mean = masked_mean(x, m)
+    var = masked_var(x, m, unbiased=True)
+    whitened = (x - mean) * jnp.reciprocal(jnp.sqrt(var + eps))
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * m
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in AGGREGATION_MODES:
+        raise ValueError(f"mode must be one of {AGGREGATION_MODES}, got {mode!r}")
+
+
+def aggregate_loss(
+    loss_mat: chex.Array,
+    mask: chex.Array,
+    mode: str = "token_mean",
+    norm_length: float | None = None,
+) -> chex.Array:
+    """Reduces a per-token loss ``[B, T]`` to a scalar.
+
+    Modes (DAPO §3.3 and Dr. GRPO §3.1 discuss why the choice matters):
+      - ``token_mean``: Σ_bt l·m / Σ_bt m — every valid token of the batch weighs the
+        same (DAPO token-level loss).
+      - ``seq_mean_token_mean``: mean over sequences of (Σ_t l·m / Σ_t m) — original
+        GRPO; tokens of short sequences weigh more.
+      - ``seq_mean_token_sum``: mean over sequences of Σ_t l·m.
+      - ``seq_mean_token_sum_norm``: mean over sequences of Σ_t l·m / norm_length
+        (default T) — Dr. GRPO's constant normaliser, no length bias.
+
+    Sequences with no valid token are left out of the mean over sequences; a batch with
+    no valid token at all gives 0.
+
+    References:
+      Yu et al. 2025, DAPO, https://arxiv.org/abs/2503.14476
+      Liu et al. 2025, Understanding R1-Zero-Like Training, https://arxiv.org/abs/2503.20783
+
+    Args:
+      loss_mat: [B, T] float per-token loss.
+      mask: [B, T] 1.0 on valid tokens.
+      mode: one of AGGREGATION_MODES.
+      norm_length: constant divisor for ``seq_mean_token_sum_norm`` (default T).
+
+    Returns:
+      scalar float32 loss.
+    """
+    _check_mode(mode)
+    chex.assert_rank(loss_mat, 2)
+    chex.assert_equal_shape([loss_mat, mask])
+    loss_mat = upcast(loss_mat)
+    m = upcast(mask)
+    if mode == "token_mean":
+        return masked_mean(loss_mat, m)
+    seq_has_tokens = (jnp.sum(m, axis=-1) > 0).astype(jnp.float32)
+    if mode == "seq_mean_token_mean":
+        per_seq = masked_mean(loss_mat, m, axis=-1)
+    elif mode == "seq_mean_token_sum":
+        per_seq = masked_sum(loss_mat, m, axis=-1)
+    else:
+        if norm_length is None:
+            norm_length = loss_mat.shape[-1]
+        if norm_length <= 0:
+            raise ValueError(f"norm_length must be > 0, got {norm_length}")
+        per_seq = masked_sum(loss_mat, m, axis=-1) / norm_length
+    return masked_mean(per_seq, seq_has_tokens)

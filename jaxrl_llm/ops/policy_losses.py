@@ -1,0 +1,225 @@
+"""Clipped policy-gradient losses (PPO, dual-clip, clip-higher, GSPO) and the clipped
+value loss.
+
+All losses return ``(loss, metrics)`` with scalar float32 entries so they plug into
+``jax.value_and_grad(..., has_aux=True)``. Shapes: B batch, T response length.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from jaxrl_llm.ops.masked import aggregate_loss, masked_mean, upcast
+
+# exp(20) ≈ 4.9e8: large enough never to bind in healthy training, small enough that
+# ρ·A stays finite in float32 when the policy has drifted far from the sampler.
+LOG_RATIO_CLAMP = 20.0
+# GSPO's sequence log-ratio bound (as in verl's implementation).
+SEQ_LOG_RATIO_CLAMP = 10.0
+
+
+def _token_advantages(advantages: chex.Array, mask: chex.Array) -> chex.Array:
+    """[B] or [B, T] advantages → [B, T] float32, stop-gradient."""
+    advantages = jax.lax.stop_gradient(upcast(advantages))
+    if advantages.ndim == 1:
+        chex.assert_equal_shape_prefix([advantages, mask], 1)
+        return jnp.broadcast_to(advantages[:, None], mask.shape)
+    chex.assert_equal_shape([advantages, mask])
+    return advantages
+
+
+def _check_clip(clip_low: float, clip_high: float) -> None:
+    if not 0.0 <= clip_low < 1.0:
+        raise ValueError(f"clip_low must be in [0, 1), got {clip_low}")
+    if clip_high < 0.0:
+        raise ValueError(f"clip_high must be >= 0, got {clip_high}")
+
+
+def ppo_policy_loss(
+    logp: chex.Array,
+    old_logp: chex.Array,
+    advantages: chex.Array,
+    mask: chex.Array,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    agg: str = "token_mean",
+    norm_length: float | None = None,
+) -> tuple[chex.Array, dict[str, chex.Array]]:
+    """PPO clipped surrogate, with asymmetric (clip-higher) and dual clipping.
+
+      ρ_t = exp(clamp(logp − old_logp, −20, 20))
+      l_t = max(−A_t·ρ_t, −A_t·clip(ρ_t, 1 − clip_low, 1 + clip_high))
+      dual clip (c > 1), where A_t < 0:  l_t = min(l_t, −A_t·c)
+
+    ``old_logp`` and ``advantages`` are constants (stop-gradient).
+
+    References:
+      Schulman et al. 2017, PPO, https://arxiv.org/abs/1707.06347
+      Ye et al. 2020, Dual-clip PPO, https://arxiv.org/abs/1912.09729
+      Yu et al. 2025, DAPO clip-higher, https://arxiv.org/abs/2503.14476
+
+    Args:
+      logp: [B, T] float log π_θ(token) (differentiable).
+      old_logp: [B, T] float log π_old(token) recorded at sampling time.
+      advantages: [B, T] or [B] float (broadcast over tokens).
+      mask: [B, T] 1.0 on valid response tokens.
+      clip_low, clip_high: ε_low, ε_high.
+      dual_clip: c > 1 or None.
+      agg: aggregation mode of ``aggregate_loss``.
+      norm_length: for agg="seq_mean_token_sum_norm".
+
+    Returns:
+      (loss scalar, metrics) with metrics ``clipfrac`` (the clipped branch is the larger
+      one), ``clipfrac_lower`` (dual clip active), ``approx_kl`` (mean old_logp − logp),
+      ``ratio_mean`` — masked token means.
+    """
+    chex.assert_rank([logp, old_logp, mask], 2)
+    chex.assert_equal_shape([logp, old_logp, mask])
+    _check_clip(clip_low, clip_high)
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 or None, got {dual_clip}")
+    logp = upcast(logp)
+    old_logp = jax.lax.stop_gradient(upcast(old_logp))
+    adv = _token_advantages(advantages, mask)
+
+    log_ratio = jnp.clip(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = jnp.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss_mat = jnp.maximum(unclipped, clipped)
+    clipfrac = masked_mean((clipped > unclipped).astype(jnp.float32), mask)
+    if dual_clip is not None:
+        dual_bound = -adv * dual_clip
+        lower_active = (adv < 0) & (loss_mat > dual_bound)
+        loss_mat = jnp.where(adv < 0, jnp.minimum(loss_mat, dual_bound), loss_mat)
+        clipfrac_lower = masked_mean(lower_active.astype(jnp.float32), mask)
+    else:
+        clipfrac_lower = jnp.zeros((), jnp.float32)
+
+    loss = aggregate_loss(loss_mat, mask, agg, norm_length)
+    metrics = {
+        "clipfrac": clipfrac,
+        "clipfrac_lower": clipfrac_lower,
+        "approx_kl": masked_mean(jax.lax.stop_gradient(old_logp - logp), mask),
+        "ratio_mean": masked_mean(jax.lax.stop_gradient(ratio), mask),
+    }
+    return loss, metrics
+
+
+def gspo_policy_loss(
+    logp: chex.Array,
+    old_logp: chex.Array,
+    advantages: chex.Array,
+    mask: chex.Array,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+) -> tuple[chex.Array, dict[str, chex.Array]]:
+    """GSPO: a sequence-level importance ratio, clipped per sequence.
+
+      log s_b = Σ_t m·(logp − old_logp) / Σ_t m      (s = geometric mean of token ratios)
+      per token: log s_bt = logp_t − sg(logp_t) + sg(log s_b), clamped at 10 before exp
+      l_bt = max(−A_b·s_bt, −A_b·clip(s_bt, 1 − clip_low, 1 + clip_high))
+      loss = seq_mean_token_mean(l)
+
+    The value of s_bt equals s_b; its gradient is s_b·∇logp_t, so a sequence's gradient
+    is A_b·s_b·mean_t ∇logp_t, the GSPO gradient. Because the ratio is per sequence, a
+    few tokens with wild ratios (as MoE routing changes produce) cannot dominate.
+
+    References:
+      Zheng et al. 2025, Group Sequence Policy Optimization, https://arxiv.org/abs/2507.18071
+
+    Args:
+      logp: [B, T] float log π_θ(token) (differentiable).
+      old_logp: [B, T] float log π_old(token).
+      advantages: [B] float sequence advantages.
+      mask: [B, T] 1.0 on valid response tokens.
+      clip_low, clip_high: sequence-ratio clip range (GSPO defaults 3e-4, 4e-4).
+
+    Returns:
+      (loss scalar, metrics) with ``clipfrac`` (masked token mean of "this token's
+      sequence ratio was clipped"), ``clipfrac_lower`` (0), ``approx_kl``, ``ratio_mean``
+      (mean sequence ratio over sequences with tokens).
+    """
+    chex.assert_rank([logp, old_logp, mask], 2)
+    chex.assert_rank(advantages, 1)
+    chex.assert_equal_shape([logp, old_logp, mask])
+    _check_clip(clip_low, clip_high)
+    logp = upcast(logp)
+    old_logp = jax.lax.stop_gradient(upcast(old_logp))
+    adv = _token_advantages(advantages, mask)
+
+    seq_log_ratio = masked_mean(logp - old_logp, mask, axis=-1)  # [B]
+    token_log_ratio = logp - jax.lax.stop_gradient(logp) + jax.lax.stop_gradient(seq_log_ratio)[:, None]
+    ratio = jnp.exp(jnp.minimum(token_log_ratio, SEQ_LOG_RATIO_CLAMP))
+    unclipped = -adv * ratio
+    clipped = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss_mat = jnp.maximum(unclipped, clipped)
+    loss = aggregate_loss(loss_mat, mask, "seq_mean_token_mean")
+
+    seq_has_tokens = jnp.sum(upcast(mask), axis=-1) > 0
+    seq_ratio = jnp.exp(jnp.minimum(jax.lax.stop_gradient(seq_log_ratio), SEQ_LOG_RATIO_CLAMP))
+    metrics = {
+        "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+        "clipfrac_lower": jnp.zeros((), jnp.float32),
+        "approx_kl": masked_mean(jax.lax.stop_gradient(old_logp - logp), mask),
+        "ratio_mean": masked_mean(seq_ratio, seq_has_tokens),
+    }
+    return loss, metrics
+
+
+def value_loss(
+    values: chex.Array,
+    old_values: chex.Array,
+    returns: chex.Array,
+    mask: chex.Array,
+    clip: float | None = 0.2,
+    agg: str = "token_mean",
+) -> tuple[chex.Array, dict[str, chex.Array]]:
+    """Clipped value loss of PPO.
+
+      l_t = ½·max((v − R)², (old_v + clip(v − old_v, −c, c) − R)²)
+      clip=None: l_t = ½·(v − R)²
+
+    ``old_values`` and ``returns`` are constants (stop-gradient).
+
+    References:
+      Schulman et al. 2017, PPO; OpenAI baselines ppo2 value clipping.
+
+    Args:
+      values: [B, T] float current value estimates (differentiable).
+      old_values: [B, T] float values recorded at rollout time.
+      returns: [B, T] float GAE returns.
+      mask: [B, T] 1.0 on valid response tokens.
+      clip: value clip range c, or None.
+      agg: aggregation mode of ``aggregate_loss``.
+
+    Returns:
+      (loss scalar, metrics) with ``vf_clipfrac`` (the clipped branch is the larger one)
+      and ``value_error`` (masked mean of (v − R)²).
+    """
+    chex.assert_rank([values, old_values, returns, mask], 2)
+    chex.assert_equal_shape([values, old_values, returns, mask])
+    if clip is not None and clip <= 0:
+        raise ValueError(f"clip must be > 0 or None, got {clip}")
+    values = upcast(values)
+    old_values = jax.lax.stop_gradient(upcast(old_values))
+    returns = jax.lax.stop_gradient(upcast(returns))
+
+    unclipped = jnp.square(values - returns)
+    if clip is None:
+        loss_mat = 0.5 * unclipped
+        vf_clipfrac = jnp.zeros((), jnp.float32)
+    else:
+        clipped_values = old_values + jnp.clip(values - old_values, -clip, clip)
+        clipped = jnp.square(clipped_values - returns)
+        loss_mat = 0.5 * jnp.maximum(unclipped, clipped)
+        vf_clipfrac = masked_mean((clipped > unclipped).astype(jnp.float32), mask)
+    loss = aggregate_loss(loss_mat, mask, agg)
+    metrics = {
+        "vf_clipfrac": vf_clipfrac,
+        "value_error": masked_mean(jax.lax.stop_gradient(unclipped), mask),
+    }
+    return loss, metrics

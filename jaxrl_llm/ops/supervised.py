@@ -1,0 +1,38 @@
+"""Supervised fine-tuning loss: token-level negative log-likelihood on response tokens."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from jaxrl_llm.ops.masked import aggregate_loss, masked_mean, upcast
+
+
+def sft_loss(
+    logp: chex.Array, mask: chex.Array, agg: str = "token_mean"
+) -> tuple[chex.Array, dict[str, chex.Array]]:
+    """Negative log-likelihood of the target tokens, aggregated over valid tokens.
+
+      loss = aggregate(−logp_t, mask)
+
+    Args:
+      logp: [B, T] float log π(target token) (e.g. ``token_logprobs``).
+      mask: [B, T] 1.0 on tokens to learn (response), 0.0 on prompt and padding.
+      agg: aggregation mode of ``aggregate_loss``.
+
+    Returns:
+      (loss, metrics) with ``nll`` (token-mean NLL), ``perplexity`` (exp of it) and
+      ``num_tokens``.
+    """
+    chex.assert_rank([logp, mask], 2)
+    chex.assert_equal_shape([logp, mask])
+    nll = -upcast(logp)
+    loss = aggregate_loss(nll, mask, agg)
+    token_nll = jax.lax.stop_gradient(masked_mean(nll, mask))
+    metrics = {
+        "nll": token_nll,
+        "perplexity": jnp.exp(token_nll),
+        "num_tokens": jnp.sum(upcast(mask)),
+    }
+    return loss, metrics
