@@ -1,0 +1,160 @@
+"""The loop core every trainer shares: output folder with the resolved config, resume
+from the latest checkpoint, per-step metric logging, periodic checkpoints, and the
+non-finite guard.
+
+A trainer reads like the algorithm::
+
+    loop = TrainLoop(config, config.run, desc="grpo")
+    state, start = loop.start(init_state)          # restores when run.resume is set
+    for step in range(start, config.run.total_steps):
+        state, metrics, finite = update(state, ...)   # jitted, uses apply_if_finite
+        loop.end_step(step, state, metrics, finite=finite)
+    return loop.finish(state, model=...)
+
+The state is one pytree (params, optimizer state, RNG key data, KL controller, ...), so
+a resumed run continues exactly: same parameters, optimizer moments, RNG stream and data
+position as the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from jaxrl_llm.train.checkpoint import Checkpointer
+from jaxrl_llm.train.config import save_config
+from jaxrl_llm.train.guard import NonFiniteGuard
+from jaxrl_llm.train.metrics import MetricsLogger, read_metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Run settings shared by every algorithm config (the ``run`` field).
+
+    Attributes:
+      output_dir: where config.yaml, metrics.jsonl, checkpoints/ and the export go.
+      total_steps: number of optimizer iterations.
+      seed: seeds parameter init, data order and sampling.
+      checkpoint_every: save every N steps (0: only at the end).
+      keep_checkpoints: keep the last N checkpoints.
+      resume: continue from the latest checkpoint in output_dir/checkpoints.
+      tensorboard: also write TensorBoard scalars.
+      progress: show a progress bar.
+      max_consecutive_nonfinite: stop with an error after this many skipped updates in a row.
+    """
+
+    output_dir: str = "runs/run"
+    total_steps: int = 100
+    seed: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    resume: bool = False
+    tensorboard: bool = False
+    progress: bool = True
+    max_consecutive_nonfinite: int = 5
+
+    def __post_init__(self):
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What every ``train`` function returns.
+
+    Attributes:
+      model: the trained model (NNX module) or parameters.
+      history: one metrics dict per step (including steps of an earlier, resumed run).
+      output_dir: the run folder.
+    """
+
+    model: Any
+    history: list[dict]
+    output_dir: Path
+
+
+class TrainLoop:
+    """Bookkeeping around a trainer's step loop (see module docstring)."""
+
+    def __init__(self, config: Any, run: RunConfig, desc: str = "train"):
+        self.run = run
+        self.output_dir = Path(run.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, self.output_dir / "config.yaml")
+        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", max_to_keep=run.keep_checkpoints)
+        self.guard = NonFiniteGuard(run.max_consecutive_nonfinite)
+        self.history: list[dict] = []
+        self.meta: dict = {}
+        self._desc = desc
+        self._logger: MetricsLogger | None = None
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.output_dir / "metrics.jsonl"
+
+    def start(self, init_state: Any) -> tuple[Any, int]:
+        """Returns (state, first step). Restores the latest checkpoint when resuming;
+        otherwise starts fresh (an existing metrics.jsonl is replaced)."""
+        state, start = init_state, 0
+        latest = self.checkpointer.latest_step() if self.run.resume else None
+        if latest is not None:
+            state, self.meta = self.checkpointer.restore(init_state, latest)
+            self.guard.load_state_dict(self.meta.get("guard", {}))
+            start = latest
+            # Steps logged after the checkpoint are re-run: drop their lines.
+            old = read_metrics(self.metrics_path) if self.metrics_path.exists() else []
+            self.history = [row for row in old if row["step"] < start]
+            self._rewrite_metrics(self.history)
+        elif self.metrics_path.exists():
+            self.metrics_path.unlink()
+        self._logger = MetricsLogger(
+            self.output_dir,
+            total_steps=self.run.total_steps,
+            initial_step=start,
+            tensorboard=self.run.tensorboard,
+            progress=self.run.progress,
+            desc=self._desc,
+        )
+        return state, start
+
+    def _rewrite_metrics(self, rows: list[dict]) -> None:
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, self.metrics_path)
+
+    def end_step(self, step: int, state: Any, metrics: dict, finite: bool = True, meta: dict | None = None) -> dict:
+        """Logs step ``step`` (0-based), updates the guard, checkpoints when due.
+
+        The checkpoint saved after step s is labelled s + 1: the number of completed steps,
+        which is where a resumed run starts.
+        """
+        assert self._logger is not None, "call start() first"
+        self.guard.update(finite, step)
+        row = self._logger.log(step, {**metrics, "skipped_updates": self.guard.total_skipped})
+        self.history.append(row)
+        if meta:
+            self.meta.update(meta)
+        done = step + 1
+        every = self.run.checkpoint_every
+        if every and done % every == 0 and done < self.run.total_steps:
+            self.save(done, state)
+        return row
+
+    def save(self, completed_steps: int, state: Any) -> None:
+        self.checkpointer.save(completed_steps, state, {**self.meta, "guard": self.guard.state_dict()})
+
+    def finish(self, state: Any, model: Any = None) -> TrainResult:
+        """Final checkpoint, closes the logger, returns the TrainResult."""
+        if self.run.total_steps not in self.checkpointer.all_steps():
+            self.save(self.run.total_steps, state)
+        self.checkpointer.close()
+        if self._logger is not None:
+            self._logger.close()
+        return TrainResult(model=model if model is not None else state, history=self.history, output_dir=self.output_dir)

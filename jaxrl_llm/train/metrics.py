@@ -1,0 +1,82 @@
+"""Metric logging: JSONL always, TensorBoard when asked, and a progress bar that shows
+the key numbers of the step."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+# Shown in the progress bar when present, in this order.
+PROGRESS_KEYS = ("loss", "reward_mean", "accuracy", "kl", "entropy", "tokens_per_s")
+
+
+def to_python(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Array scalars → Python floats/ints so they serialise to JSON."""
+    out = {}
+    for key, value in metrics.items():
+        if hasattr(value, "shape") and getattr(value, "shape", None) == ():
+            value = np.asarray(value).item()
+        elif isinstance(value, (np.generic,)):
+            value = value.item()
+        out[key] = value
+    return out
+
+
+class MetricsLogger:
+    """Appends one JSON line per step to ``output_dir/metrics.jsonl``."""
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        total_steps: int | None = None,
+        initial_step: int = 0,
+        tensorboard: bool = False,
+        progress: bool = True,
+        desc: str = "train",
+    ):
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.output_dir / "metrics.jsonl", "a")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.output_dir / "tensorboard"))
+        self._bar = (
+            tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True)
+            if progress
+            else None
+        )
+
+    def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        row = {"step": int(step), **to_python(metrics)}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+        if self._bar is not None:
+            shown = {k: f"{row[k]:.4g}" for k in PROGRESS_KEYS if isinstance(row.get(k), (int, float))}
+            self._bar.set_postfix(shown, refresh=False)
+            self._bar.update(1)
+        return row
+
+    def close(self) -> None:
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Reads a metrics.jsonl file back (one dict per step)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

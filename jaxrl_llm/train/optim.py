@@ -1,0 +1,87 @@
+"""Optimizer factory: clip by global norm → AdamW with warmup + constant/cosine/linear
+decay, optionally accumulating gradients over micro-steps (``optax.MultiSteps``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import optax
+
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW settings shared by every trainer.
+
+    Attributes:
+      learning_rate: peak learning rate.
+      schedule: decay after warmup, one of SCHEDULES.
+      warmup_steps: linear warmup from 0 to the peak.
+      min_lr_ratio: final learning rate as a fraction of the peak (cosine / linear).
+      weight_decay: AdamW decoupled weight decay.
+      b1, b2, eps: Adam moments.
+      max_grad_norm: clip by global norm (None: no clipping).
+      grad_accum_steps: micro-steps accumulated per update (optax.MultiSteps).
+    """
+
+    learning_rate: float = 1e-5
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    grad_accum_steps: int = 1
+
+    def __post_init__(self):
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+
+
+def make_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Learning rate per optimizer update: linear warmup, then the configured decay."""
+    peak, warmup = config.learning_rate, config.warmup_steps
+    decay_steps = max(total_steps - warmup, 1)
+    end = peak * config.min_lr_ratio
+    if config.schedule == "constant":
+        after = optax.constant_schedule(peak)
+    elif config.schedule == "cosine":
+        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.min_lr_ratio)
+    else:
+        after = optax.linear_schedule(peak, end, decay_steps)
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """optax.chain(clip_by_global_norm, adamw(schedule)), wrapped in MultiSteps if asked."""
+    parts = []
+    if config.max_grad_norm is not None:
+        parts.append(optax.clip_by_global_norm(config.max_grad_norm))
+    parts.append(
+        optax.adamw(
+            make_schedule(config, total_steps),
+            b1=config.b1,
+            b2=config.b2,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+        )
+    )
+    tx = optax.chain(*parts)
+    if config.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
+    return tx
