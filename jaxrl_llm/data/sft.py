@@ -1,0 +1,264 @@
+"""Supervised fine-tuning examples: prompt + response rows with a response-only loss mask.
+
+Record formats (strings or chat messages):
+
+- ``{"prompt": str, "response": str}`` (plain text);
+- ``{"prompt": messages, "response": str | [assistant message]}``;
+- ``{"messages": [..., {"role": "assistant", ...}]}``: the prompt is every message before
+  the LAST assistant turn, the response is that turn's content.
+
+Chat prompts are rendered with the chat template and the generation prompt; the response
+is its text followed by eos. Prompt and response are tokenized separately and
+concatenated, so ``loss_mask`` is 1 on exactly the response tokens (eos included).
+(With SentencePiece-style tokenizers that prefix a word-boundary marker to every encoded
+string, the response's first token carries that marker, as after a space.)
+
+``SFTBatch`` convention (right padding): ``loss_mask[b, t] = 1`` when token t is a
+response token, i.e. a target. A causal LM predicts token t from position t-1, so a
+trainer uses ``logits[:, :-1]`` against ``tokens[:, 1:]`` with ``loss_mask[:, 1:]``.
+The first token of every example is a prompt token, so a target never depends on a
+previous example (examples must have a non-empty prompt, or ``add_bos=True``).
+
+Over-length examples (prompt + response > ``max_len``) follow one policy:
+``"truncate"`` (cut the response's end; an example whose prompt alone leaves no room
+for a response token is dropped), ``"error"``, or ``"drop"``; ``SFTStats`` counts them.
+
+Packing (``pack=True``) puts several examples in one row (next-fit, in the epoch's
+order). ``positions`` restart at 0 for every example and ``segment_ids`` (1, 2, ... per
+example in a row, 0 on padding) let attention be block-diagonal:
+``allowed[q, k] = segment_ids[q] == segment_ids[k] != 0 and k <= q``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.struct
+import numpy as np
+
+from jaxrl_llm.data.padding import bucket_length, check_bucket
+from jaxrl_llm.data.records import validate_records
+from jaxrl_llm.data.sampler import BatchLoader
+from jaxrl_llm.data.tokenization import (
+    check_messages,
+    encode_text,
+    eos_id,
+    pad_id,
+    render_prompt,
+    response_text,
+)
+
+OVERLONG_SFT_POLICIES = ("truncate", "error", "drop")
+
+
+@flax.struct.dataclass
+class SFTBatch:
+    """A right-padded (possibly packed) batch for supervised fine-tuning.
+
+    Attributes:
+      tokens: [B, L] int32 token ids (pad id on padding).
+      loss_mask: [B, L] float32, 1.0 where the token is a response token (a target).
+      attention_mask: [B, L] int32, 1 on real tokens, 0 on padding.
+      positions: [B, L] int32 position of each token within its example (0 on padding).
+      segment_ids: [B, L] int32, 1..n numbering the examples of a row, 0 on padding.
+    """
+
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    attention_mask: np.ndarray
+    positions: np.ndarray
+    segment_ids: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTStats:
+    """Over-length policy counts: total = kept + dropped; truncated ⊆ kept."""
+
+    total: int
+    kept: int
+    truncated: int
+    dropped: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTExample:
+    """One tokenized example: record index, prompt ids and response ids (eos included)."""
+
+    index: int
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+def split_sft_record(record: Mapping[str, Any], index: int = 0) -> tuple[Any, str]:
+    """(prompt, response text) of an SFT record in any of the supported formats."""
+    if record.get("messages") is not None:
+        messages = check_messages(record["messages"], f"record {index} 'messages'")
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise ValueError(f"record {index}: 'messages' has no assistant turn to learn from.")
+        if last == 0:
+            raise ValueError(f"record {index}: 'messages' starts with the assistant turn; no prompt.")
+        return messages[:last], messages[last]["content"]
+    for field in ("prompt", "response"):
+        if record.get(field) is None:
+            raise ValueError(
+                f"record {index} needs 'prompt' and 'response' (or 'messages'); missing {field!r}; "
+                f"fields present: {sorted(record)}.")
+    return record["prompt"], response_text(record["response"], f"record {index} 'response'")
+
+
+def tokenize_sft(records: Sequence[Mapping[str, Any]], tokenizer, *, max_len: int,
+                 overlong: str = "truncate", add_bos: bool = False,
+                 add_eos: bool = True) -> tuple[list[SFTExample], SFTStats]:
+    """Tokenizes SFT records and applies the over-length policy.
+
+    Args:
+      records: SFT records (see module docstring).
+      tokenizer: HF tokenizer or CharTokenizer.
+      max_len: longest example (prompt + response) in tokens.
+      overlong: "truncate" (cut the response end; drop if the prompt alone leaves no
+        room for a response token), "error", or "drop".
+      add_bos: prepend bos to the prompt.
+      add_eos: append eos to the response (so the model learns to stop).
+
+    Returns:
+      (examples kept, in record order; SFTStats).
+    """
+    if overlong not in OVERLONG_SFT_POLICIES:
+        raise ValueError(f"overlong={overlong!r}; expected one of {OVERLONG_SFT_POLICIES}.")
+    if max_len < 2:
+        raise ValueError(f"max_len={max_len}; expected at least 2 (a prompt and a response token).")
+    validate_records(records)
+    if add_eos:
+        eos_id(tokenizer)  # fail early with a clear message
+    out, truncated, dropped = [], 0, 0
+    for i, rec in enumerate(records):
+        prompt, response = split_sft_record(rec, i)
+        p = encode_text(tokenizer, render_prompt(tokenizer, prompt), add_bos=add_bos)
+        r = encode_text(tokenizer, response, add_eos=add_eos)
+        if not p:
+            raise ValueError(f"record {i}: prompt encodes to 0 tokens, so the first response token "
+                             "has no context; pass add_bos=True or a non-empty prompt.")
+        if not r:
+            raise ValueError(f"record {i}: response encodes to 0 tokens; nothing to learn.")
+        if len(p) + len(r) > max_len:
+            if overlong == "error":
+                raise ValueError(
+                    f"record {i}: prompt ({len(p)}) + response ({len(r)}) = {len(p) + len(r)} "
+                    f"tokens > max_len={max_len}; set overlong='truncate' or 'drop'.")
+            if overlong == "drop" or len(p) >= max_len:
+                dropped += 1
+                continue
+            r, truncated = r[:max_len - len(p)], truncated + 1
+        out.append(SFTExample(i, tuple(p), tuple(r)))
+    if not out:
+        raise ValueError(f"every SFT example was dropped as longer than max_len={max_len}.")
+    return out, SFTStats(total=len(records), kept=len(out), truncated=truncated, dropped=dropped)
+
+
+def pack_examples(order: Sequence[int], lengths: Sequence[int], row_len: int) -> list[tuple[int, ...]]:
+    """Next-fit packing: examples in ``order`` fill a row until the next does not fit.
+
+    Args:
+      order: example indices in the order to pack.
+      lengths: length of every example (each <= row_len).
+      row_len: tokens per row.
+
+    Returns:
+      list of rows, each a tuple of example indices (order preserved).
+    """
+    rows, current, used = [], [], 0
+    for i in order:
+        n = int(lengths[i])
+        if n > row_len:
+            raise ValueError(f"example {i} has {n} tokens > row_len={row_len}.")
+        if current and used + n > row_len:
+            rows.append(tuple(current))
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        rows.append(tuple(current))
+    return rows
+
+
+def _row_length(row) -> int:
+    """Tokens in a row: one example, or the packed examples of a list."""
+    return len(row) if isinstance(row, SFTExample) else sum(len(e) for e in row)
+
+
+def collate_sft(rows: Sequence[SFTExample | Sequence[SFTExample]], *, pad_token_id: int,
+                bucket=16, max_len: int | None = None, longest: int | None = None) -> SFTBatch:
+    """Builds an ``SFTBatch``; each row is one example or a list of examples (packed).
+
+    Returns:
+      SFTBatch with arrays [B, L], L = bucket of ``longest`` (default: the longest row)
+      capped at max_len.
+    """
+    rows = [[r] if isinstance(r, SFTExample) else list(r) for r in rows]
+    longest = max(_row_length(row) for row in rows) if longest is None else longest
+    length = bucket_length(longest, bucket, max_len)
+    shape = (len(rows), length)
+    tokens = np.full(shape, pad_token_id, np.int32)
+    loss_mask = np.zeros(shape, np.float32)
+    positions = np.zeros(shape, np.int32)
+    segment_ids = np.zeros(shape, np.int32)
+    for b, row in enumerate(rows):
+        start = 0
+        for seg, ex in enumerate(row, start=1):
+            n, np_ = len(ex), len(ex.prompt_ids)
+            if start + n > length:
+                raise ValueError(f"row {b} holds {start + n} tokens > length {length}.")
+            sl = slice(start, start + n)
+            tokens[b, sl] = ex.prompt_ids + ex.response_ids
+            loss_mask[b, start + np_:start + n] = 1.0
+            positions[b, sl] = np.arange(n)
+            segment_ids[b, sl] = seg
+            start += n
+    return SFTBatch(tokens=tokens, loss_mask=loss_mask,
+                    attention_mask=(segment_ids > 0).astype(np.int32),
+                    positions=positions, segment_ids=segment_ids)
+
+
+class SFTLoader(BatchLoader):
+    """Deterministic, resumable iterator of ``SFTBatch``es (optionally packed).
+
+    Args:
+      records: SFT records.
+      tokenizer: HF tokenizer or CharTokenizer.
+      batch_size: B rows per batch.
+      max_len: tokens per example (and per packed row).
+      seed, shuffle, drop_last, num_epochs: see ``EpochSampler``.
+      overlong: "truncate" | "error" | "drop".
+      pack: several examples per row (next-fit in the epoch order; with packing the
+        number of rows, hence batches, can differ between epochs).
+      bucket: L rounding (int multiple, "pow2", "max" = always max_len, None).
+      add_bos, add_eos: special tokens around prompt / response.
+
+    Attributes:
+      stats: SFTStats of the over-length policy.
+    """
+
+    def __init__(self, records: Sequence[Mapping[str, Any]], tokenizer, batch_size: int, *,
+                 max_len: int, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
+                 overlong: str = "truncate", pack: bool = False, bucket=16,
+                 add_bos: bool = False, add_eos: bool = True, num_epochs: int | None = None,
+                 process_index: int = 0, process_count: int = 1):
+        check_bucket(bucket)
+        pad = pad_id(tokenizer)
+        examples, self.stats = tokenize_sft(records, tokenizer, max_len=max_len, overlong=overlong,
+                                            add_bos=add_bos, add_eos=add_eos)
+        lengths = [len(e) for e in examples]
+        group_fn = (lambda order: pack_examples(order, lengths, max_len)) if pack else None
+
+        def collate(batch, longest):
+            return collate_sft(batch, pad_token_id=pad, bucket=bucket, max_len=max_len, longest=longest)
+
+        super().__init__(examples, collate, batch_size, row_length=_row_length, seed=seed, shuffle=shuffle,
+                         drop_last=drop_last, num_epochs=num_epochs,
+                         process_index=process_index, process_count=process_count, group_fn=group_fn)
