@@ -98,15 +98,20 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: list[str] = ()) -> C:
-    """YAML file (optional) + overrides → a validated frozen ``cls`` instance."""
+def load_config_dict(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> dict:
+    """YAML file (optional) + ``key=value`` overrides → a plain dict (not yet typed)."""
     data: dict = {}
     if path is not None:
         loaded = yaml.safe_load(Path(path).read_text())
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
         data = loaded or {}
-    return from_dict(cls, apply_overrides(data, list(overrides)))
+    return apply_overrides(data, list(overrides))
+
+
+def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: list[str] = ()) -> C:
+    """YAML file (optional) + overrides → a validated frozen ``cls`` instance."""
+    return from_dict(cls, load_config_dict(path, overrides))
 
 
 def save_config(config: Any, path: str | os.PathLike) -> Path:
