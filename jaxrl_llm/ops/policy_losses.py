@@ -73,7 +73,8 @@ def ppo_policy_loss(
 
     Returns:
       (loss scalar, metrics) with metrics ``clipfrac`` (the clipped branch is the larger
-      one), ``clipfrac_lower`` (dual clip active), ``approx_kl`` (mean old_logp − logp),
+      one), split into ``clipfrac_high`` (ρ above 1 + clip_high) and ``clipfrac_low``
+      (ρ below 1 − clip_low), ``clipfrac_lower`` (dual clip active), ``approx_kl`` (mean old_logp − logp),
       ``ratio_mean`` — masked token means.
     """
     chex.assert_rank([logp, old_logp, mask], 2)
@@ -90,7 +91,12 @@ def ppo_policy_loss(
     unclipped = -adv * ratio
     clipped = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
     loss_mat = jnp.maximum(unclipped, clipped)
-    clipfrac = masked_mean((clipped > unclipped).astype(jnp.float32), mask)
+    is_clipped = clipped > unclipped
+    clipfrac = masked_mean(is_clipped.astype(jnp.float32), mask)
+    # Which bound bit: ρ > 1 + ε_high (A > 0) or ρ < 1 − ε_low (A < 0) — clip-higher
+    # monitoring (DAPO) needs them apart.
+    clipfrac_high = masked_mean((is_clipped & (ratio > 1.0)).astype(jnp.float32), mask)
+    clipfrac_low = masked_mean((is_clipped & (ratio < 1.0)).astype(jnp.float32), mask)
     if dual_clip is not None:
         dual_bound = -adv * dual_clip
         lower_active = (adv < 0) & (loss_mat > dual_bound)
@@ -102,6 +108,8 @@ def ppo_policy_loss(
     loss = aggregate_loss(loss_mat, mask, agg, norm_length)
     metrics = {
         "clipfrac": clipfrac,
+        "clipfrac_high": clipfrac_high,
+        "clipfrac_low": clipfrac_low,
         "clipfrac_lower": clipfrac_lower,
         "approx_kl": masked_mean(jax.lax.stop_gradient(old_logp - logp), mask),
         "ratio_mean": masked_mean(jax.lax.stop_gradient(ratio), mask),

@@ -21,6 +21,7 @@ def ref_ppo(logp, old, adv, mask, cl, ch, dual, agg):
     b_size, t_size = logp.shape
     loss = np.zeros((b_size, t_size))
     clipped_flags, lower_flags = np.zeros_like(loss), np.zeros_like(loss)
+    high_flags, low_flags = np.zeros_like(loss), np.zeros_like(loss)
     for b in range(b_size):
         for t in range(t_size):
             a = adv[b] if adv.ndim == 1 else adv[b, t]
@@ -29,6 +30,8 @@ def ref_ppo(logp, old, adv, mask, cl, ch, dual, agg):
             l2 = -a * min(max(rho, 1 - cl), 1 + ch)
             loss[b, t] = max(l1, l2)
             clipped_flags[b, t] = l2 > l1
+            high_flags[b, t] = l2 > l1 and rho > 1
+            low_flags[b, t] = l2 > l1 and rho < 1
             if dual is not None and a < 0:
                 lower_flags[b, t] = loss[b, t] > -a * dual
                 loss[b, t] = min(loss[b, t], -a * dual)
@@ -39,6 +42,8 @@ def ref_ppo(logp, old, adv, mask, cl, ch, dual, agg):
         lower_flags[m].mean(),
         (old - logp)[m].mean(),
         np.exp(np.clip(logp - old, -20, 20))[m].mean(),
+        high_flags[m].mean(),
+        low_flags[m].mean(),
     )
 
 
@@ -58,10 +63,13 @@ class PPOLossTest(chex.TestCase):
         adv = float32(rng, 6, 10) if token_adv else float32(rng, 6)
         fn = functools.partial(ppo_policy_loss, clip_low=clip[0], clip_high=clip[1], dual_clip=dual, agg=agg)
         loss, metrics = self.variant(fn)(logp, old, adv, mask)
-        r_loss, r_clip, r_lower, r_kl, r_ratio = ref_ppo(logp, old, adv, mask, clip[0], clip[1], dual, agg)
+        r_loss, r_clip, r_lower, r_kl, r_ratio, r_high, r_low = ref_ppo(logp, old, adv, mask, clip[0], clip[1], dual, agg)
         chex.assert_trees_all_close(loss, r_loss, rtol=1e-5, atol=1e-6)
         chex.assert_trees_all_close(metrics["clipfrac"], r_clip, atol=1e-6)
         chex.assert_trees_all_close(metrics["clipfrac_lower"], r_lower, atol=1e-6)
+        chex.assert_trees_all_close(metrics["clipfrac_high"], r_high, atol=1e-6)
+        chex.assert_trees_all_close(metrics["clipfrac_low"], r_low, atol=1e-6)
+        chex.assert_trees_all_close(metrics["clipfrac_high"] + metrics["clipfrac_low"], metrics["clipfrac"], atol=1e-6)
         chex.assert_trees_all_close(metrics["approx_kl"], r_kl, rtol=1e-5, atol=1e-6)
         chex.assert_trees_all_close(metrics["ratio_mean"], r_ratio, rtol=1e-5)
 
