@@ -1,7 +1,17 @@
-"""Command line entry point: ``jaxrl-llm <command> ...``.
+"""Command line entry point: ``jaxrl-llm <stage> [--config file.yaml] [key=value ...]``.
 
-Each training stage registers a sub-command that builds its frozen config dataclass and
-calls the same ``train`` function a notebook would call.
+Each stage builds the same frozen config dataclass a notebook would (YAML file, then
+``key=value`` overrides with dotted keys for nested fields, e.g. ``run.total_steps=50``
+``optim.learning_rate=1e-5``) and calls the same ``train`` function, so a terminal run and
+a notebook run are the same run. Inputs are local paths only (no hub downloads):
+
+  --policy   HF checkpoint directory, or ``tiny:<family>`` for a fresh tiny model
+  --tokenizer  HF tokenizer directory, or ``char`` for the built-in CharTokenizer
+  --data     JSONL / JSON / parquet file or a saved ``datasets`` directory
+  --reward   a built-in reward function name (see ``REWARDS``)
+
+``jaxrl-llm grpo`` with no inputs runs the built-in quick-start (tiny model, SFT warm
+start, RL on single-digit addition).
 """
 
 from __future__ import annotations
@@ -9,8 +19,47 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 import jaxrl_llm
+
+
+def _rewards() -> dict[str, Any]:
+    from jaxrl_llm import rewards
+
+    return {
+        "arithmetic": rewards.arithmetic_reward,
+        "math": rewards.math_accuracy_reward,
+        "think_answer_format": rewards.format_reward(),
+    }
+
+
+def _load_policy(spec: str):
+    if spec.startswith("tiny:"):
+        from flax import nnx
+
+        from jaxrl_llm.models import CausalLM, tiny_config
+
+        return CausalLM(tiny_config(spec.split(":", 1)[1]), rngs=nnx.Rngs(0))
+    from jaxrl_llm.models import load_hf
+
+    return load_hf(spec)[0]
+
+
+def _load_tokenizer(spec: str):
+    if spec == "char":
+        from jaxrl_llm.models import CharTokenizer
+
+        return CharTokenizer()
+    from jaxrl_llm.models import load_tokenizer
+
+    return load_tokenizer(spec)
+
+
+def _require(args: argparse.Namespace, *names: str) -> None:
+    missing = [f"--{n}" for n in names if getattr(args, n) is None]
+    if missing:
+        raise SystemExit(f"jaxrl-llm {args.command}: missing {', '.join(missing)}")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -35,12 +84,75 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sft(args: argparse.Namespace) -> int:
+    from jaxrl_llm.data import load_records
+    from jaxrl_llm.train import sft
+    from jaxrl_llm.train.config import load_config
+
+    _require(args, "policy", "tokenizer", "data")
+    config = load_config(sft.SFTConfig, args.config, args.overrides)
+    examples = load_records(args.data, required=())
+    result = sft.train(config, policy=_load_policy(args.policy), tokenizer=_load_tokenizer(args.tokenizer), examples=examples)
+    _finish(result)
+    return 0
+
+
+def _grpo(args: argparse.Namespace) -> int:
+    from jaxrl_llm.train import grpo
+    from jaxrl_llm.train.config import from_dict, load_config_dict
+
+    if args.policy is None and args.data is None:
+        from jaxrl_llm.train import quickstart
+
+        summary = quickstart.run(args.preset, args.out, args.quick)
+        print(json.dumps(summary, indent=2))
+        return 0
+    _require(args, "policy", "tokenizer", "data", "reward")
+    from jaxrl_llm.data import load_records
+
+    # The preset supplies the recipe; fields given in the file or as overrides win.
+    given = load_config_dict(args.config, args.overrides)
+    typed = from_dict(grpo.GRPOConfig, given)
+    config = grpo.GRPOConfig.preset(args.preset, **{k: getattr(typed, k) for k in given})
+    rewards = _rewards()
+    if args.reward not in rewards:
+        raise SystemExit(f"--reward must be one of {sorted(rewards)}, got {args.reward!r}")
+    result = grpo.train(config, policy=_load_policy(args.policy), tokenizer=_load_tokenizer(args.tokenizer),
+                        prompts=load_records(args.data), reward_fn=rewards[args.reward])
+    _finish(result)
+    return 0
+
+
+def _finish(result) -> None:
+    last = result.history[-1] if result.history else {}
+    print(json.dumps({"output_dir": str(result.output_dir), "steps": len(result.history), "last": last}, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxrl-llm", description=jaxrl_llm.__doc__)
+    parser = argparse.ArgumentParser(prog="jaxrl-llm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"jaxrl_llm {jaxrl_llm.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
     demo = sub.add_parser("demo", help="print a worked example of the RL math")
     demo.set_defaults(func=_demo)
+
+    def stage(name: str, func, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--config", help="YAML file with config fields")
+        p.add_argument("--policy", help="HF checkpoint dir or tiny:<family>")
+        p.add_argument("--tokenizer", help="HF tokenizer dir or 'char'")
+        p.add_argument("--data", help="JSONL / JSON / parquet / saved datasets dir")
+        p.add_argument("overrides", nargs="*", help="key=value config overrides (dotted keys nest)")
+        p.set_defaults(func=func)
+        return p
+
+    stage("sft", _sft, "supervised fine-tuning on prompt/response records")
+    g = stage("grpo", _grpo, "GRPO / Dr. GRPO / DAPO / GSPO / RLOO with a verifiable reward")
+    g.add_argument("--preset", default="grpo", help="grpo | dr_grpo | dapo | gspo | rloo")
+    g.add_argument("--reward", help="built-in reward function name")
+    g.add_argument("--out", default="results", help="quick-start output root (no --policy/--data)")
+    g.add_argument("--quick", action="store_true", help="quick-start: a few steps only")
     return parser
 
 

@@ -27,3 +27,7 @@ __all__ = [
     "top_p_filter",
     "validate_sampling_args",
 ]
+
+from jaxrl_llm.rollout.sampler import Rollout, apply_stop_strings, generate, left_align  # noqa: E402
+
+__all__ += ["Rollout", "apply_stop_strings", "generate", "left_align"]

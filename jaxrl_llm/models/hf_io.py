@@ -1,0 +1,530 @@
+"""Hugging Face checkpoint interop from local directories (no downloads).
+
+`load_hf(path)` reads `config.json` + `model.safetensors` (or a sharded
+`model.safetensors.index.json`) into a `CausalLM` (or a reward / value
+`ScalarHeadModel`), streaming one tensor at a time with `safetensors.safe_open`: the
+model is built abstractly (`nnx.eval_shape`) and each tensor is converted on the host and
+placed on device before the next is read, so a checkpoint never needs two host copies.
+`save_hf(model, path)` writes the same format (optionally sharded), loadable by
+`transformers.AutoModelForCausalLM.from_pretrained` (or
+`AutoModelForSequenceClassification` for reward models). `load_tokenizer(path)` wraps
+`AutoTokenizer.from_pretrained` on a local path.
+
+HF stores linear weights as [out, in]; ours are [in, ...out] with heads split:
+q_proj [H·Hd, D] ↔ [D, H, Hd], o_proj [D, H·Hd] ↔ [H, Hd, D], MLP [F, D] ↔ [D, F],
+lm_head / score [V, D] ↔ [D, V], router [E, D] ↔ [D, E], experts stacked on a leading
+E axis (HF per-expert tensors, or transformers 5 fused `gate_up_proj`/`down_proj`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.models.heads import ScalarHeadModel
+from jaxrl_llm.models.transformer import CausalLM
+
+KINDS = ("causal_lm", "reward", "value")
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_SEQ_CLS_ARCH = {
+    "llama": "LlamaForSequenceClassification",
+    "mistral": "MistralForSequenceClassification",
+    "qwen2": "Qwen2ForSequenceClassification",
+    "qwen3": "Qwen3ForSequenceClassification",
+    "mixtral": "MixtralForSequenceClassification",
+    "qwen3_moe": "Qwen3MoeForSequenceClassification",
+}
+
+Path = tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """One HF tensor ↔ (a slice of) one of our parameters."""
+
+    hf_key: str
+    path: Path  # our parameter path in nnx.state
+    hf_shape: tuple[int, ...]
+    to_ours: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+    expert: int | None = None  # slot on the leading E axis, or None (whole param)
+
+
+def _linear(out_shape_ours):
+    """HF [out, in] ↔ ours [in, *out_shape_ours]."""
+
+    def to_ours(w):
+        return np.ascontiguousarray(w.T).reshape(w.shape[1], *out_shape_ours)
+
+    def to_hf(w):
+        return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
+
+    return to_ours, to_hf
+
+
+def _out_proj(in_shape_ours):
+    """HF o_proj [D, H·Hd] ↔ ours [H, Hd, D]."""
+
+    def to_ours(w):
+        return np.ascontiguousarray(w.T).reshape(*in_shape_ours, w.shape[0])
+
+    def to_hf(w):
+        return np.ascontiguousarray(w.reshape(-1, w.shape[-1]).T)
+
+    return to_ours, to_hf
+
+
+def _reshape(shape_ours):
+    def to_ours(w):
+        return w.reshape(shape_ours)
+
+    def to_hf(w):
+        return w.reshape(-1)
+
+    return to_ours, to_hf
+
+
+_IDENTITY = (lambda w: w, lambda w: w)
+
+
+def _tensor_specs(config: ModelConfig, kind: str) -> list[_Tensor]:
+    """All HF tensors of a checkpoint of `config` (kind: causal_lm / reward / value)."""
+    d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    specs = [
+        _Tensor(
+            "model.embed_tokens.weight", ("model", "embed"), (config.vocab_size, d), *_IDENTITY
+        ),
+        _Tensor("model.norm.weight", ("model", "norm", "scale"), (d,), *_IDENTITY),
+    ]
+    for i in range(config.num_layers):
+        hf = f"model.layers.{i}."
+        ours = ("model", "layers", i)
+        attn = ours + ("attn",)
+        specs += [
+            _Tensor(
+                hf + "input_layernorm.weight", ours + ("input_norm", "scale"), (d,), *_IDENTITY
+            ),
+            _Tensor(
+                hf + "post_attention_layernorm.weight",
+                ours + ("post_attn_norm", "scale"),
+                (d,),
+                *_IDENTITY,
+            ),
+            _Tensor(
+                hf + "self_attn.q_proj.weight", attn + ("q_proj",), (h * hd, d), *_linear((h, hd))
+            ),
+            _Tensor(
+                hf + "self_attn.k_proj.weight", attn + ("k_proj",), (kv * hd, d), *_linear((kv, hd))
+            ),
+            _Tensor(
+                hf + "self_attn.v_proj.weight", attn + ("v_proj",), (kv * hd, d), *_linear((kv, hd))
+            ),
+            _Tensor(
+                hf + "self_attn.o_proj.weight", attn + ("o_proj",), (d, h * hd), *_out_proj((h, hd))
+            ),
+        ]
+        if config.qkv_bias:
+            specs += [
+                _Tensor(
+                    hf + "self_attn.q_proj.bias", attn + ("q_bias",), (h * hd,), *_reshape((h, hd))
+                ),
+                _Tensor(
+                    hf + "self_attn.k_proj.bias",
+                    attn + ("k_bias",),
+                    (kv * hd,),
+                    *_reshape((kv, hd)),
+                ),
+                _Tensor(
+                    hf + "self_attn.v_proj.bias",
+                    attn + ("v_bias",),
+                    (kv * hd,),
+                    *_reshape((kv, hd)),
+                ),
+            ]
+        if config.qk_norm:
+            specs += [
+                _Tensor(
+                    hf + "self_attn.q_norm.weight", attn + ("q_norm", "scale"), (hd,), *_IDENTITY
+                ),
+                _Tensor(
+                    hf + "self_attn.k_norm.weight", attn + ("k_norm", "scale"), (hd,), *_IDENTITY
+                ),
+            ]
+        mlp = ours + ("mlp",)
+        if config.is_moe_layer(i):
+            f, e = config.moe_intermediate_size, config.num_experts
+            if config.model_type == "mixtral":
+                moe_hf, names = hf + "block_sparse_moe.", ("w1", "w3", "w2")
+            else:
+                moe_hf, names = hf + "mlp.", ("gate_proj", "up_proj", "down_proj")
+            specs.append(_Tensor(moe_hf + "gate.weight", mlp + ("router",), (e, d), *_linear((e,))))
+            for j in range(e):
+                ex = f"{moe_hf}experts.{j}."
+                specs += [
+                    _Tensor(
+                        ex + names[0] + ".weight",
+                        mlp + ("gate_proj",),
+                        (f, d),
+                        *_linear((f,)),
+                        expert=j,
+                    ),
+                    _Tensor(
+                        ex + names[1] + ".weight",
+                        mlp + ("up_proj",),
+                        (f, d),
+                        *_linear((f,)),
+                        expert=j,
+                    ),
+                    _Tensor(
+                        ex + names[2] + ".weight",
+                        mlp + ("down_proj",),
+                        (d, f),
+                        *_linear((d,)),
+                        expert=j,
+                    ),
+                ]
+        else:
+            f = config.intermediate_size
+            specs += [
+                _Tensor(hf + "mlp.gate_proj.weight", mlp + ("gate_proj",), (f, d), *_linear((f,))),
+                _Tensor(hf + "mlp.up_proj.weight", mlp + ("up_proj",), (f, d), *_linear((f,))),
+                _Tensor(hf + "mlp.down_proj.weight", mlp + ("down_proj",), (d, f), *_linear((d,))),
+            ]
+    if kind == "causal_lm":
+        if not config.tie_word_embeddings:
+            specs.append(
+                _Tensor(
+                    "lm_head.weight",
+                    ("lm_head",),
+                    (config.vocab_size, d),
+                    *_linear((config.vocab_size,)),
+                )
+            )
+    else:
+        specs.append(_Tensor("score.weight", ("score",), (1, d), *_linear((1,))))
+    return specs
+
+
+def _fused_expert_keys(config: ModelConfig) -> dict[str, tuple[int, str]]:
+    """transformers 5 fused expert tensors: key → (layer, 'gate_up' | 'down')."""
+    out = {}
+    prefix = "block_sparse_moe" if config.model_type == "mixtral" else "mlp"
+    for i in range(config.num_layers):
+        if config.is_moe_layer(i):
+            out[f"model.layers.{i}.{prefix}.experts.gate_up_proj"] = (i, "gate_up")
+            out[f"model.layers.{i}.{prefix}.experts.down_proj"] = (i, "down")
+    return out
+
+
+def _checkpoint_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+    if os.path.exists(single):
+        return [single]
+    raise FileNotFoundError(
+        f"no model.safetensors or model.safetensors.index.json in {path!r} "
+        "(only safetensors checkpoints are supported)."
+    )
+
+
+def read_config(path: str) -> tuple[ModelConfig, dict[str, Any]]:
+    """(ModelConfig, raw config dict) from `path/config.json`."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"no config.json in {path!r}.")
+    with open(cfg_path) as f:
+        raw = json.load(f)
+    return ModelConfig.from_hf(raw), raw
+
+
+def _get_variable(model: nnx.Module, path: Path) -> nnx.Variable:
+    obj = model
+    for p in path:
+        obj = obj[p] if isinstance(p, int) else getattr(obj, p)
+    return obj
+
+
+def _shape_error(key: str, got, expected, config: ModelConfig) -> ValueError:
+    return ValueError(
+        f"checkpoint tensor {key!r} has shape {tuple(got)} but the config expects "
+        f"{tuple(expected)} (hidden_size={config.hidden_size}, vocab_size={config.vocab_size}, "
+        f"num_heads={config.num_heads}, num_kv_heads={config.num_kv_heads}, "
+        f"head_dim={config.head_dim}, intermediate_size={config.intermediate_size}, "
+        f"moe_intermediate_size={config.moe_intermediate_size}, "
+        f"num_experts={config.num_experts}). config.json and the weights do not match."
+    )
+
+
+def load_hf(
+    path: str,
+    dtype: Any = jnp.float32,
+    *,
+    compute_dtype: Any = None,
+    kind: str = "causal_lm",
+    pool: str | None = None,
+    remat: bool = False,
+    attention_impl: str = "xla",
+    moe_impl: str = "dense",
+    rngs: nnx.Rngs | None = None,
+    sharding_fn: Callable[[tuple, tuple], Any] | None = None,
+):
+    """Loads a local HF checkpoint directory.
+
+    Args:
+      path: directory with config.json and model.safetensors[.index.json].
+      dtype: parameter dtype.
+      compute_dtype: activation dtype (default: `dtype`).
+      kind: "causal_lm" → `CausalLM`; "reward" / "value" → `ScalarHeadModel` (pool
+        "last" / "none" unless `pool` is given). A `*ForSequenceClassification`
+        checkpoint (num_labels=1) provides `score.weight`; a causal-LM checkpoint gives
+        the backbone and a freshly initialised score head (its lm_head is dropped).
+      remat, attention_impl, moe_impl: as `CausalLM`.
+      rngs: RNGs for freshly initialised parameters (default nnx.Rngs(0)).
+      sharding_fn: optional (logical_axis_names, shape) → jax.sharding.Sharding; each
+        tensor is placed with it directly (e.g. onto a mesh).
+
+    Returns:
+      (model, config).
+
+    Raises:
+      ValueError: unsupported config, a tensor whose shape does not match the config
+        (naming the tensor and both shapes), missing or unexpected tensors.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}; expected one of {KINDS}.")
+    config, raw = read_config(path)
+    compute_dtype = compute_dtype or dtype
+    rngs = rngs or nnx.Rngs(0)
+    options = dict(
+        param_dtype=dtype,
+        dtype=compute_dtype,
+        remat=remat,
+        attention_impl=attention_impl,
+        moe_impl=moe_impl,
+    )
+    if kind == "causal_lm":
+        model = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0), **options))
+    else:
+        num_labels = raw.get("num_labels", len(raw.get("id2label") or {}) or 1)
+        is_seq_cls = any("SequenceClassification" in a for a in raw.get("architectures") or [])
+        if is_seq_cls and num_labels != 1:
+            raise ValueError(
+                f"num_labels={num_labels} in config.json; a reward/value head needs 1."
+            )
+        pool = pool or ("last" if kind == "reward" else "none")
+        model = nnx.eval_shape(
+            lambda: ScalarHeadModel(config, rngs=nnx.Rngs(0), pool=pool, **options)
+        )
+
+    specs = _tensor_specs(config, kind)
+    by_key = {s.hf_key: s for s in specs}
+    fused = _fused_expert_keys(config) if config.is_moe else {}
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    expert_buffers: dict[Path, np.ndarray] = {}
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+
+    def place(path_: Path, value: np.ndarray):
+        var = _get_variable(model, path_)
+        if tuple(value.shape) != tuple(var.get_value().shape):
+            raise ValueError(
+                f"internal: {path_} got {value.shape}, expected {var.get_value().shape}"
+            )
+        names = var.get_metadata().get("out_sharding") or var.get_metadata().get("sharding_names")
+        if sharding_fn is not None:
+            var.set_value(jax.device_put(value, sharding_fn(tuple(names or ()), value.shape)))
+        else:
+            var.set_value(jnp.asarray(value))
+
+    for file in _checkpoint_files(path):
+        with safe_open(file, framework="np") as f:
+            for key in f.keys():
+                if key in by_key:
+                    spec = by_key[key]
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if shape != spec.hf_shape:
+                        raise _shape_error(key, shape, spec.hf_shape, config)
+                    value = spec.to_ours(f.get_tensor(key)).astype(np_dtype)
+                    if spec.expert is None:
+                        place(spec.path, value)
+                    else:
+                        if spec.path not in expert_buffers:
+                            expert_buffers[spec.path] = np.zeros(
+                                _get_variable(model, spec.path).get_value().shape, np_dtype
+                            )
+                        expert_buffers[spec.path][spec.expert] = value
+                    loaded.add(key)
+                elif key in fused:
+                    layer, which = fused[key]
+                    _load_fused(
+                        f.get_tensor(key),
+                        key,
+                        layer,
+                        which,
+                        config,
+                        model,
+                        expert_buffers,
+                        np_dtype,
+                    )
+                    loaded.update(
+                        s.hf_key
+                        for s in specs
+                        if s.expert is not None
+                        and s.path[2] == layer
+                        and ((which == "down") == (s.path[-1] == "down_proj"))
+                    )
+                elif key.endswith(_IGNORED_SUFFIXES):
+                    continue
+                elif key == "lm_head.weight" and (
+                    kind != "causal_lm" or config.tie_word_embeddings
+                ):
+                    continue
+                else:
+                    unexpected.append(key)
+    for path_, buf in expert_buffers.items():
+        place(path_, buf)
+    del expert_buffers
+
+    if unexpected:
+        raise ValueError(
+            f"checkpoint {path!r} has tensors the {config.model_type} {kind} model does not "
+            f"use: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}."
+        )
+    missing = [s.hf_key for s in specs if s.hf_key not in loaded]
+    if missing == ["score.weight"]:
+        d = config.hidden_size
+        place(
+            ("score",),
+            np.asarray(0.02 * jax.random.normal(rngs.params(), (d, 1), jnp.float32)).astype(
+                np_dtype
+            ),
+        )
+        missing = []
+    if missing:
+        raise ValueError(
+            f"checkpoint {path!r} is missing {len(missing)} tensors for {config.model_type} "
+            f"(kind={kind}): {missing[:8]}{' ...' if len(missing) > 8 else ''}."
+        )
+    return model, config
+
+
+def _load_fused(
+    w: np.ndarray,
+    key: str,
+    layer: int,
+    which: str,
+    config: ModelConfig,
+    model,
+    buffers: dict,
+    np_dtype,
+) -> None:
+    """transformers 5 fused experts: gate_up_proj [E, 2F, D], down_proj [E, D, F]."""
+    e, f, d = config.num_experts, config.moe_intermediate_size, config.hidden_size
+    expected = (e, 2 * f, d) if which == "gate_up" else (e, d, f)
+    if tuple(w.shape) != expected:
+        raise _shape_error(key, w.shape, expected, config)
+    base = ("model", "layers", layer, "mlp")
+    if which == "gate_up":
+        parts = {"gate_proj": w[:, :f, :], "up_proj": w[:, f:, :]}
+    else:
+        parts = {"down_proj": w}
+    for name, part in parts.items():
+        buffers[base + (name,)] = np.ascontiguousarray(np.swapaxes(part, 1, 2)).astype(np_dtype)
+
+
+def save_hf(
+    model: CausalLM | ScalarHeadModel,
+    path: str,
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+    dtype: Any = None,
+) -> None:
+    """Writes `model` as a HF checkpoint directory (config.json + safetensors).
+
+    Args:
+      model: a CausalLM (→ *ForCausalLM) or ScalarHeadModel (→ *ForSequenceClassification,
+        num_labels=1).
+      path: output directory (created).
+      max_shard_bytes: above this total size, tensors are split into
+        model-0000i-of-0000n.safetensors files plus model.safetensors.index.json.
+      dtype: dtype of saved tensors (default: the parameter dtype).
+    """
+    config: ModelConfig = model.config
+    kind = "causal_lm" if isinstance(model, CausalLM) else "reward"
+    os.makedirs(path, exist_ok=True)
+    hf_config = config.to_hf()
+    if kind != "causal_lm":
+        hf_config["architectures"] = [_SEQ_CLS_ARCH[config.model_type]]
+        hf_config["id2label"] = {"0": "LABEL_0"}
+        hf_config["label2id"] = {"LABEL_0": 0}
+        hf_config["num_labels"] = 1
+    first_param = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
+    out_dtype = np.dtype(jnp.dtype(dtype or first_param.dtype))
+    hf_config["dtype"] = str(jnp.dtype(out_dtype))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+
+    # group tensors into shards of at most max_shard_bytes.
+    specs = _tensor_specs(config, kind)
+    shards: list[list[_Tensor]] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = int(np.prod(spec.hf_shape)) * out_dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+
+    weight_map = {}
+    cache: dict[Path, np.ndarray] = {}
+    for n, shard in enumerate(shards):
+        name = (
+            "model.safetensors"
+            if len(shards) == 1
+            else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        )
+        tensors = {}
+        for spec in shard:
+            if spec.expert is None:
+                value = np.asarray(jax.device_get(_get_variable(model, spec.path)[...]))
+            else:
+                if spec.path not in cache:
+                    cache.clear()
+                    cache[spec.path] = np.asarray(
+                        jax.device_get(_get_variable(model, spec.path)[...])
+                    )
+                value = cache[spec.path][spec.expert]
+            tensors[spec.hf_key] = np.ascontiguousarray(spec.to_hf(value).astype(out_dtype))
+            weight_map[spec.hf_key] = name
+        save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})
+        del tensors
+    if len(shards) > 1:
+        total = sum(int(np.prod(s.hf_shape)) * out_dtype.itemsize for s in specs)
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def load_tokenizer(path: str):
+    """`transformers.AutoTokenizer.from_pretrained(path)` for a local directory only."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer path {path!r} is not a local directory.")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)

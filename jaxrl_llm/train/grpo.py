@@ -1,0 +1,554 @@
+"""Reasoning RL with verifiable rewards: one trainer, configured by presets into GRPO,
+Dr. GRPO, DAPO, GSPO and RLOO.
+
+Per step: sample G responses for each of B prompts → score them with the reward function
+(+ DAPO overlong penalty) → (DAPO) keep sampling until B groups carry signal → group
+advantages → old / reference log-probs → μ passes of clipped policy-gradient updates.
+
+Shapes: B prompts per step, G group size, N = B·G rows, P prompt length (bucketed),
+T = max_new_tokens, L = P + T.
+
+References:
+  Shao et al. 2024, DeepSeekMath (GRPO), https://arxiv.org/abs/2402.03300
+  Liu et al. 2025, Dr. GRPO, https://arxiv.org/abs/2503.20783
+  Yu et al. 2025, DAPO, https://arxiv.org/abs/2503.14476
+  Zheng et al. 2025, GSPO, https://arxiv.org/abs/2507.18071
+  Ahmadian et al. 2024, RLOO, https://arxiv.org/abs/2402.14740
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import warnings
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrl_llm import ops
+from jaxrl_llm.data.prompts import PromptBatch, PromptLoader
+from jaxrl_llm.data.records import validate_records
+from jaxrl_llm.data.tokenization import decode_ids, eos_id, pad_id
+from jaxrl_llm.rewards.combine import safe_reward_fn
+from jaxrl_llm.rollout.sampler import Rollout, generate
+from jaxrl_llm.train.guard import apply_if_finite
+from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
+from jaxrl_llm.train.optim import OptimConfig, make_optimizer
+from jaxrl_llm.train.policy import as_model, response_logprobs, routing_change_fraction, split_model
+
+logger = logging.getLogger(__name__)
+
+ADVANTAGES = ("group", "batch", "none", "rloo")
+POLICY_LOSSES = ("ppo", "gspo")
+PRESETS = ("grpo", "dr_grpo", "dapo", "gspo", "rloo")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """Configuration of the GRPO-family trainer (see ``GRPOConfig.preset``).
+
+    Attributes:
+      run, optim: loop and optimizer settings.
+      prompts_per_step: B prompts sampled per step.
+      group_size: G responses per prompt.
+      max_prompt_len: prompts are padded to this (bucketed); longer prompts are an error.
+      max_new_tokens: T, the response budget (L_max of DAPO's overlong penalty).
+      temperature, top_k, top_p: sampling options.
+      stop_token_ids: extra stop ids; the tokenizer's eos is always one.
+      advantage: "group" (GRPO), "batch" (std over the batch), "none" (Dr. GRPO), "rloo".
+      policy_loss: "ppo" (token ratio) or "gspo" (sequence ratio).
+      clip_low, clip_high: ε_low, ε_high (DAPO clip-higher: 0.2, 0.28).
+      dual_clip: dual-clip bound c > 1 or None.
+      loss_agg: ``aggregate_loss`` mode.
+      norm_length: Dr. GRPO's constant normaliser (default max_new_tokens).
+      kl_coef: β of the KL-to-reference loss term (0: no reference model is kept).
+      kl_kind: KL estimator of ``kl_penalty`` (k3 in GRPO).
+      entropy_coef: entropy bonus weight.
+      num_inner_updates: μ, optimizer passes over each batch (old log-probs recorded first).
+      minibatches: split each pass into this many minibatches (each one update).
+      dynamic_sampling: DAPO — drop groups with all-equal rewards, sample more.
+      max_sampling_rounds: cap on sampling rounds per step under dynamic sampling.
+      overlong_buffer: DAPO soft overlong punishment interval (0: off).
+      overlong_factor: DAPO overlong penalty at max_new_tokens.
+      routing_replay: MoE — replay the rollout's expert choices in training forwards.
+      freeze_router: MoE — router weights get no update (experts still train).
+      router_update_every: MoE two-stage updates — router trained only every k-th step.
+      moe_aux_coef: weight of the MoE load-balancing loss.
+      tis_cap: truncated importance-sampling cap C for rollout/trainer mismatch (None: off).
+      reward_default: score for samples the reward function could not score (None: the
+        sample is excluded from the loss).
+      logprob_chunk_size: tokens per chunk of ``logprobs_from_hidden``.
+    """
+
+    run: RunConfig = RunConfig(output_dir="runs/grpo")
+    optim: OptimConfig = OptimConfig(learning_rate=1e-6)
+    prompts_per_step: int = 8
+    group_size: int = 8
+    max_prompt_len: int = 64
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    advantage: str = "group"
+    policy_loss: str = "ppo"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    loss_agg: str = "seq_mean_token_mean"
+    norm_length: int | None = None
+    kl_coef: float = 0.04
+    kl_kind: str = "k3"
+    entropy_coef: float = 0.0
+    num_inner_updates: int = 1
+    minibatches: int = 1
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
+    overlong_buffer: int = 0
+    overlong_factor: float = 1.0
+    routing_replay: bool = True
+    freeze_router: bool = False
+    router_update_every: int = 1
+    moe_aux_coef: float = 0.0
+    tis_cap: float | None = None
+    reward_default: float | None = None
+    logprob_chunk_size: int = 1024
+
+    def __post_init__(self):
+        positive = ("prompts_per_step", "max_prompt_len", "max_new_tokens", "num_inner_updates",
+                    "minibatches", "max_sampling_rounds", "router_update_every", "logprob_chunk_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (group baselines need other samples), got {self.group_size}")
+        if self.advantage not in ADVANTAGES:
+            raise ValueError(f"advantage must be one of {ADVANTAGES}, got {self.advantage!r}")
+        if self.policy_loss not in POLICY_LOSSES:
+            raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, got {self.policy_loss!r}")
+        if self.loss_agg not in ops.AGGREGATION_MODES:
+            raise ValueError(f"loss_agg must be one of {ops.AGGREGATION_MODES}, got {self.loss_agg!r}")
+        if self.kl_kind not in ops.KL_KINDS:
+            raise ValueError(f"kl_kind must be one of {ops.KL_KINDS}, got {self.kl_kind!r}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if (self.prompts_per_step * self.group_size) % self.minibatches:
+            raise ValueError(
+                f"prompts_per_step * group_size = {self.prompts_per_step * self.group_size} must be "
+                f"divisible by minibatches={self.minibatches}"
+            )
+        if not 0 <= self.overlong_buffer <= self.max_new_tokens:
+            raise ValueError(f"overlong_buffer must be in [0, max_new_tokens={self.max_new_tokens}], got {self.overlong_buffer}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for RL sampling, got {self.temperature}")
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ValueError(f"tis_cap must be > 0 or None, got {self.tis_cap}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GRPOConfig":
+        """Named published recipes; ``overrides`` replace any field.
+
+        - grpo: group-std advantages, token-ratio PPO clip 0.2, seq_mean_token_mean, k3 KL β=0.04.
+        - dr_grpo: no std scaling, seq_mean_token_sum_norm (constant normaliser), no KL.
+        - dapo: clip-higher (0.2, 0.28), token_mean, dynamic sampling, soft overlong
+          punishment (buffer = max_new_tokens / 5), no KL.
+        - gspo: sequence-level ratio clipped at (3e-4, 4e-4), seq_mean_token_mean, no KL.
+        - rloo: leave-one-out baseline, token_mean, no KL.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
+        recipe: dict[str, Any] = {
+            "grpo": dict(advantage="group", policy_loss="ppo", loss_agg="seq_mean_token_mean", kl_coef=0.04),
+            "dr_grpo": dict(advantage="none", policy_loss="ppo", loss_agg="seq_mean_token_sum_norm", kl_coef=0.0),
+            "dapo": dict(advantage="group", policy_loss="ppo", clip_low=0.2, clip_high=0.28,
+                         loss_agg="token_mean", dynamic_sampling=True, kl_coef=0.0),
+            "gspo": dict(advantage="group", policy_loss="gspo", clip_low=3e-4, clip_high=4e-4,
+                         loss_agg="seq_mean_token_mean", kl_coef=0.0),
+            "rloo": dict(advantage="rloo", policy_loss="ppo", loss_agg="token_mean", kl_coef=0.0),
+        }[name]
+        fields = {**recipe, **overrides}
+        if name == "dapo" and "overlong_buffer" not in overrides:
+            fields["overlong_buffer"] = max(1, fields.get("max_new_tokens", cls.max_new_tokens) // 5)
+        return cls(**fields)
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+@dataclasses.dataclass
+class ScoredBatch:
+    """Host-side results of one sampling round (N = B·G rows)."""
+
+    rollout: Rollout
+    scores: np.ndarray  # [N] float32, task reward + overlong penalty
+    task_rewards: np.ndarray  # [N] float32 (NaN where unscored)
+    valid: np.ndarray  # [N] bool, False where the reward could not be computed
+    prompt_ids: np.ndarray  # [B] record indices
+
+
+def score_rollout(
+    rollout: Rollout,
+    prompts: PromptBatch,
+    reward_fn: Callable,
+    tokenizer: Any,
+    config: GRPOConfig,
+) -> ScoredBatch:
+    """Decodes completions, calls the reward function (TRL convention: extra record
+    columns as keyword lists, one entry per completion), adds the overlong penalty."""
+    g = config.group_size
+    tokens = np.asarray(rollout.tokens)
+    lengths = np.asarray(rollout.lengths)
+    completions = [
+        decode_ids(tokenizer, tokens[i, : lengths[i]].tolist(), skip_special_tokens=True) for i in range(len(tokens))
+    ]
+    texts = [t for t in prompts.texts for _ in range(g)]
+    columns = {key: [v for v in values for _ in range(g)] for key, values in prompts.columns.items()}
+    raw = reward_fn(texts, completions, **columns)
+    if len(raw) != len(completions):
+        raise ValueError(f"reward_fn returned {len(raw)} scores for {len(completions)} completions")
+    task = np.array([np.nan if r is None else float(r) for r in raw], np.float32)
+    valid = np.isfinite(task)
+    scores = np.where(valid, task, 0.0).astype(np.float32)
+    if config.overlong_buffer:
+        scores = scores + np.asarray(
+            ops.overlong_penalty(lengths, config.max_new_tokens, config.overlong_buffer, config.overlong_factor)
+        )
+    return ScoredBatch(rollout, scores, task, valid, np.asarray(prompts.indices))
+
+
+def informative_groups(scores: np.ndarray, valid: np.ndarray, group_size: int) -> np.ndarray:
+    """[B] bool: the group's valid scores are not all equal (it carries a learning signal)."""
+    s = np.where(valid, scores, np.nan).reshape(-1, group_size)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN groups → no signal
+        spread = np.nanmax(s, axis=1) - np.nanmin(s, axis=1)
+    return np.nan_to_num(spread, nan=0.0) > 0
+
+
+def compute_advantages(scores: np.ndarray, valid: np.ndarray, config: GRPOConfig) -> np.ndarray:
+    """[N] advantages; unscored samples take their group's mean score (so they do not move
+    the baseline) and are masked out of the loss by the caller."""
+    g = config.group_size
+    s = np.where(valid, scores, np.nan).reshape(-1, g)
+    if np.isnan(s).any():
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN groups → mean 0
+            means = np.nan_to_num(np.nanmean(s, axis=1, keepdims=True))
+        s = np.where(np.isnan(s), means, s)
+    flat = jnp.asarray(s.reshape(-1), jnp.float32)
+    if config.advantage == "rloo":
+        return np.asarray(ops.rloo_advantages(flat, g))
+    return np.asarray(ops.group_advantages(flat, g, scale=config.advantage))
+
+
+# ---------------------------------------------------------------------------- train step
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Static (hashable) options of the jitted functions."""
+
+    prompt_len: int
+    config: GRPOConfig
+    has_old: bool
+    has_ref: bool
+    replay: bool
+    train_router: bool
+
+
+def _policy_loss(params, batch, split, static: _Static):
+    config = static.config
+    model = split.merge(params)
+    routing = batch["routing"] if static.replay else None
+    out = response_logprobs(model, batch["tokens"], batch["full_mask"], static.prompt_len,
+                            routing=routing, chunk_size=config.logprob_chunk_size)
+    logp, entropy = out.logprobs, out.entropy
+    mask = batch["mask"]
+    old = batch["old_logp"] if static.has_old else jax.lax.stop_gradient(logp)
+    norm_length = config.norm_length or config.max_new_tokens
+    if config.policy_loss == "ppo":
+        adv = batch["advantages"][:, None] * batch["tis_weight"]
+        loss, metrics = ops.ppo_policy_loss(logp, old, adv, mask, config.clip_low, config.clip_high,
+                                            config.dual_clip, config.loss_agg, norm_length)
+    else:
+        loss, metrics = ops.gspo_policy_loss(logp, old, batch["advantages"], mask, config.clip_low, config.clip_high)
+    metrics = {"pg_loss": loss, **metrics}
+    if static.has_ref:
+        kl = ops.kl_penalty(logp, batch["ref_logp"], config.kl_kind)
+        kl_loss = ops.aggregate_loss(kl, mask, config.loss_agg, norm_length)
+        loss = loss + config.kl_coef * kl_loss
+        metrics["kl_loss"] = kl_loss
+    entropy_mean = ops.masked_mean(entropy, mask)
+    if config.entropy_coef:
+        loss = loss - config.entropy_coef * ops.aggregate_loss(entropy, mask, config.loss_agg, norm_length)
+    if config.moe_aux_coef:
+        loss = loss + config.moe_aux_coef * out.aux_loss
+    metrics.update(
+        entropy=jax.lax.stop_gradient(entropy_mean),
+        moe_aux_loss=out.aux_loss,
+        routing_change=routing_change_fraction(batch["routing"], out.routing, batch["full_mask"]),
+    )
+    return loss, metrics
+
+
+def _zero_router_grads(grads):
+    """Router parameters (path ending in 'router') get zero gradient."""
+    def zero(path, g):
+        names = [getattr(p, "key", getattr(p, "name", p)) for p in path]
+        return jnp.zeros_like(g) if "router" in [str(n) for n in names] else g
+
+    return jax.tree_util.tree_map_with_path(zero, grads)
+
+
+def _make_update(split, tx, static: _Static):
+    def update(params, opt_state, batch, train_router):
+        (loss, metrics), grads = jax.value_and_grad(_policy_loss, has_aux=True)(params, batch, split, static)
+        grads = jax.lax.cond(train_router, lambda g: g, _zero_router_grads, grads)
+        metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        params, opt_state, finite = apply_if_finite(tx, params, opt_state, grads, loss)
+        return params, opt_state, finite, {"loss": loss, **metrics}
+
+    return jax.jit(update)
+
+
+def _make_logprob_fn(split, static: _Static):
+    def logprobs(params, tokens, full_mask, routing):
+        model = split.merge(params)
+        out = response_logprobs(model, tokens, full_mask, static.prompt_len,
+                                routing=routing if static.replay else None,
+                                chunk_size=static.config.logprob_chunk_size)
+        return out.logprobs, out.routing
+
+    return jax.jit(logprobs)
+
+
+# ---------------------------------------------------------------------------- train
+
+
+def _sample_round(model, loader, config, rng, pad, stop_ids) -> tuple[PromptBatch, Rollout]:
+    prompts = next(loader)
+    rollout = generate(
+        model, prompts.tokens, prompts.mask, max_new_tokens=config.max_new_tokens, num_samples=config.group_size,
+        temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, stop_token_ids=stop_ids,
+        pad_token_id=pad, rng=rng, return_raw_logprobs=config.tis_cap is not None, prompt_bucket=0,
+    )
+    return prompts, rollout
+
+
+def _concat(batches: list[ScoredBatch], group_size: int, want_groups: int) -> tuple[ScoredBatch, np.ndarray]:
+    """Keeps informative groups across rounds (first `want_groups`); pads with fully masked
+    groups so the batch shape (and the compiled update) never changes."""
+    keep_rows, sources = [], []
+    for bi, b in enumerate(batches):
+        for gi in np.where(informative_groups(b.scores, b.valid, group_size))[0]:
+            sources.append((bi, gi))
+    sources = sources[:want_groups]
+    filled = len(sources)
+    while len(sources) < want_groups:  # padding: repeat the first group of round 0, masked
+        sources.append((0, -1))
+    def take(arr_fn):
+        rows = []
+        for bi, gi in sources:
+            arr = arr_fn(batches[bi])
+            g = max(gi, 0)
+            rows.append(arr[g * group_size : (g + 1) * group_size])
+        return np.concatenate(rows, axis=0)
+    live = np.concatenate([np.full(group_size, gi >= 0) for _, gi in sources])
+    r0 = batches[0].rollout
+    fields = {}
+    for f in dataclasses.fields(r0):
+        v = getattr(r0, f.name)
+        if v is None:
+            fields[f.name] = None
+        elif f.name == "routing":
+            fields[f.name] = jnp.concatenate(
+                [getattr(batches[bi].rollout, f.name)[:, max(gi, 0) * group_size : (max(gi, 0) + 1) * group_size]
+                 for bi, gi in sources], axis=1)
+        else:
+            fields[f.name] = jnp.asarray(take(lambda b, n=f.name: np.asarray(getattr(b.rollout, n))))
+    rollout = Rollout(**fields)
+    valid = take(lambda b: b.valid) & live
+    merged = ScoredBatch(
+        rollout, take(lambda b: b.scores), take(lambda b: b.task_rewards), valid,
+        np.array([batches[bi].prompt_ids[max(gi, 0)] for bi, gi in sources]),
+    )
+    return merged, np.array(filled)
+
+
+def train(
+    config: GRPOConfig,
+    *,
+    policy: Any,
+    tokenizer: Any,
+    prompts: Sequence[dict],
+    reward_fn: Callable,
+    reference: Any = None,
+) -> TrainResult:
+    """Trains ``policy`` with the GRPO family on prompts scored by ``reward_fn``.
+
+    Args:
+      config: a GRPOConfig (e.g. ``GRPOConfig.preset("dapo", ...)``).
+      policy: a CausalLM or a local HF checkpoint path.
+      tokenizer: HF tokenizer or ``CharTokenizer``.
+      prompts: records with a ``prompt`` (string or chat messages) and extra columns
+        (e.g. ``answer``) passed to the reward function as keyword lists.
+      reward_fn: ``reward_fn(prompts, completions, **columns) -> list[float | None]``.
+      reference: frozen reference model (default: the initial policy) — only used when
+        kl_coef > 0.
+
+    Returns:
+      TrainResult with the trained model and per-step metrics.
+    """
+    validate_records(prompts, required=("prompt",))
+    model = as_model(policy)
+    pad = pad_id(tokenizer)
+    stop_ids = tuple(dict.fromkeys((eos_id(tokenizer), *config.stop_token_ids)))
+    # Fixed prompt width (bucket="max"): every sampling round has the same shapes, so the
+    # rounds of dynamic sampling concatenate and nothing recompiles.
+    loader = PromptLoader(prompts, tokenizer, config.prompts_per_step, seed=config.run.seed,
+                          max_prompt_len=config.max_prompt_len, padding_side="right", bucket="max")
+    safe_reward = safe_reward_fn(reward_fn, default=config.reward_default)
+
+    split = split_model(model)
+    updates_per_step = config.num_inner_updates * config.minibatches
+    tx = make_optimizer(config.optim, config.run.total_steps * updates_per_step)
+    has_ref = config.kl_coef > 0
+    ref_params = None
+    if has_ref:
+        ref_params = split_model(as_model(reference)).params if reference is not None else split.params
+    is_moe = getattr(model.config, "num_moe_layers", 0) > 0
+    prompt_len = config.max_prompt_len
+    has_old = updates_per_step > 1
+    static = _Static(prompt_len, config, has_old, has_ref, replay=is_moe and config.routing_replay, train_router=True)
+    update_fn = _make_update(split, tx, static)
+    logprob_fn = _make_logprob_fn(split, static)
+    ref_logprob_fn = _make_logprob_fn(split, dataclasses.replace(static, replay=False)) if has_ref else None
+
+    state = {
+        "params": split.params,
+        "opt_state": tx.init(split.params),
+        "rng": jax.random.key_data(jax.random.PRNGKey(config.run.seed)),
+    }
+    loop = TrainLoop(config, config.run, desc="grpo")
+    state, start = loop.start(state)
+    if "prompt_loader" in loop.meta:
+        loader.load_state_dict(loop.meta["prompt_loader"])
+    n_rows = config.prompts_per_step * config.group_size
+
+    for step in range(start, config.run.total_steps):
+        t0 = time.perf_counter()
+        rng, k_step = jax.random.split(jax.random.wrap_key_data(jnp.asarray(state["rng"])))
+        current = split.merge(state["params"])
+
+        # sample (DAPO: until B informative groups or the round cap)
+        rounds: list[ScoredBatch] = []
+        informative_before = None
+        for round_ in range(config.max_sampling_rounds if config.dynamic_sampling else 1):
+            prompt_batch, rollout = _sample_round(current, loader, config, jax.random.fold_in(k_step, round_), pad, stop_ids)
+            # score
+            rounds.append(score_rollout(rollout, prompt_batch, safe_reward, tokenizer, config))
+            if informative_before is None:
+                informative_before = float(np.mean(informative_groups(rounds[0].scores, rounds[0].valid, config.group_size)))
+            if not config.dynamic_sampling:
+                break
+            have = sum(int(informative_groups(b.scores, b.valid, config.group_size).sum()) for b in rounds)
+            if have >= config.prompts_per_step:
+                break
+        t_sample = time.perf_counter() - t0
+        if config.dynamic_sampling:
+            batch, filled = _concat(rounds, config.group_size, config.prompts_per_step)
+            if filled < config.prompts_per_step:
+                logger.warning(
+                    "dynamic sampling: only %d of %d groups carried signal after %d rounds (cap "
+                    "max_sampling_rounds=%d); training on those", int(filled), config.prompts_per_step,
+                    len(rounds), config.max_sampling_rounds)
+        else:
+            batch, filled = rounds[0], np.array(config.prompts_per_step)
+
+        # advantages
+        advantages = compute_advantages(batch.scores, batch.valid, config)
+        rollout = batch.rollout
+        tokens, full_mask = rollout.full_tokens()
+        mask = (np.asarray(rollout.mask) * batch.valid[:, None]).astype(np.float32)
+        routing = rollout.routing
+
+        # old / reference log-probs
+        t1 = time.perf_counter()
+        tis_weight = np.ones_like(mask)
+        metrics_extra = {}
+        old_logp = None
+        if has_old or config.tis_cap is not None:
+            old_logp, _ = logprob_fn(state["params"], tokens, full_mask, routing)
+        if config.tis_cap is not None:
+            log_w = np.asarray(old_logp) - np.asarray(rollout.raw_logprobs)
+            tis_weight = np.minimum(np.exp(np.clip(log_w, -20, 20)), config.tis_cap).astype(np.float32)
+            metrics_extra["rollout_mismatch_abs"] = float(ops.masked_mean(np.abs(log_w), mask))
+        ref_logp = None
+        if has_ref:
+            ref_logp, _ = ref_logprob_fn(ref_params, tokens, full_mask, None)
+        t_logprob = time.perf_counter() - t1
+
+        # update: μ passes × minibatches
+        t2 = time.perf_counter()
+        train_router = not config.freeze_router and (step % config.router_update_every == 0)
+        full_batch = {
+            "tokens": tokens, "full_mask": full_mask, "mask": jnp.asarray(mask),
+            "advantages": jnp.asarray(advantages, jnp.float32), "tis_weight": jnp.asarray(tis_weight),
+            "old_logp": old_logp if old_logp is not None else jnp.zeros_like(mask),
+            "ref_logp": ref_logp if ref_logp is not None else jnp.zeros_like(mask),
+            "routing": routing,
+        }
+        mb_size = n_rows // config.minibatches
+        all_finite, update_metrics = True, []
+        params, opt_state = state["params"], state["opt_state"]
+        perm_rng = np.random.default_rng((config.run.seed, step, 10_000))
+        # A batch with no signal (every group degenerate, every sample unscored) is not
+        # stepped at all: Adam's momentum would otherwise still move the parameters.
+        inner_passes = config.num_inner_updates if mask.sum() > 0 else 0
+        for _ in range(inner_passes):
+            order = perm_rng.permutation(n_rows) if config.minibatches > 1 else np.arange(n_rows)
+            for mb in range(config.minibatches):
+                idx = order[mb * mb_size : (mb + 1) * mb_size]
+                mb_batch = {k: (None if v is None else (v[:, idx] if k == "routing" else v[idx])) for k, v in full_batch.items()}
+                params, opt_state, finite, m = update_fn(params, opt_state, mb_batch, train_router)
+                all_finite = all_finite and bool(finite)
+                update_metrics.append(m)
+        state = {"params": params, "opt_state": opt_state, "rng": jax.random.key_data(rng)}
+        t_update = time.perf_counter() - t2
+
+        # metrics
+        lengths = np.asarray(rollout.lengths)
+        live_rows = batch.valid
+        task = batch.task_rewards
+        mean_update = {k: float(np.mean([float(m[k]) for m in update_metrics])) for k in update_metrics[0]} if update_metrics else {}
+        num_tokens = float(mask.sum())
+        elapsed = time.perf_counter() - t0
+        metrics = {
+            **mean_update,
+            "reward_mean": float(np.nanmean(np.where(live_rows, batch.scores, np.nan))) if live_rows.any() else 0.0,
+            "reward_std": float(np.nanstd(np.where(live_rows, batch.scores, np.nan))) if live_rows.any() else 0.0,
+            "accuracy": float(np.nanmean(np.where(live_rows, task, np.nan) > 0.5)) if live_rows.any() else 0.0,
+            "informative_groups_before": informative_before,
+            "informative_groups_after": float(np.mean(informative_groups(batch.scores, batch.valid, config.group_size))),
+            "sampling_rounds": len(rounds),
+            "skipped_no_signal": int(inner_passes == 0),
+            "generations": len(rounds) * n_rows,
+            "reward_failures": int(sum((~b.valid).sum() for b in rounds)),
+            "response_length_mean": float(lengths.mean()),
+            "response_length_max": int(lengths.max()),
+            "truncated_fraction": float(np.mean(~np.asarray(rollout.finished))),
+            "time_sampling": t_sample,
+            "time_logprobs": t_logprob,
+            "time_update": t_update,
+            "tokens_per_s": num_tokens / max(elapsed, 1e-9),
+            **metrics_extra,
+        }
+        if has_ref:
+            metrics["kl"] = mean_update.get("kl_loss", 0.0)
+        loop.end_step(step, state, metrics, finite=all_finite, meta={"prompt_loader": loader.state_dict()})
+
+    return loop.finish(state, model=split.merge(state["params"]))

@@ -1,0 +1,131 @@
+"""Supervised fine-tuning: next-token NLL on response tokens only.
+
+Shapes: B batch rows, L tokens per row, T = L − 1 predicted positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrl_llm import ops
+from jaxrl_llm.data.records import validate_records
+from jaxrl_llm.data.sft import SFTBatch, SFTLoader
+from jaxrl_llm.train.guard import apply_if_finite
+from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
+from jaxrl_llm.train.optim import OptimConfig, make_optimizer
+from jaxrl_llm.train.policy import SplitModel, as_model, split_model
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """Configuration of supervised fine-tuning.
+
+    Attributes:
+      run, optim: loop and optimizer settings.
+      batch_size: rows per step.
+      max_len: tokens per example (prompt + response), longer ones truncated.
+      bucket: row-length rounding ("max": always max_len, compiles once).
+      pack: several examples per row (segment-masked attention, positions restart).
+      loss_agg: ``aggregate_loss`` mode over response tokens.
+      add_bos: prepend the tokenizer's bos to every example.
+      logprob_chunk_size: tokens per chunk of ``logprobs_from_hidden``.
+    """
+
+    run: RunConfig = RunConfig(output_dir="runs/sft")
+    optim: OptimConfig = OptimConfig(learning_rate=1e-4)
+    batch_size: int = 16
+    max_len: int = 256
+    bucket: int | str = "max"
+    pack: bool = False
+    loss_agg: str = "token_mean"
+    add_bos: bool = False
+    logprob_chunk_size: int = 1024
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_len", "logprob_chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.loss_agg not in ops.AGGREGATION_MODES:
+            raise ValueError(f"loss_agg must be one of {ops.AGGREGATION_MODES}, got {self.loss_agg!r}")
+
+
+def sft_forward_loss(model: nnx.Module, batch: dict, agg: str, chunk_size: int, packed: bool = False):
+    """NLL of each token given the previous ones, on response tokens only.
+
+    Args:
+      batch: tokens, attention_mask, positions, segment_ids, loss_mask — all [B, L].
+      packed: rows hold several examples; attention is restricted to each example's
+        own tokens through ``segment_ids``.
+    """
+    segments = {"segment_ids": batch["segment_ids"]} if packed else {}
+    out = model.forward(batch["tokens"], batch["positions"], attention_mask=batch["attention_mask"],
+                        return_hidden=True, **segments)
+    logp, _ = ops.logprobs_from_hidden(out.hidden[:, :-1], model.unembed, batch["tokens"][:, 1:], chunk_size=chunk_size)
+    return ops.sft_loss(logp, batch["loss_mask"][:, 1:], agg)
+
+
+def _make_update(split: SplitModel, tx, config: SFTConfig):
+    def update(params, opt_state, batch):
+        def loss_fn(p):
+            return sft_forward_loss(split.merge(p), batch, config.loss_agg, config.logprob_chunk_size, config.pack)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        params, opt_state, finite = apply_if_finite(tx, params, opt_state, grads, loss)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        return params, opt_state, finite, {"loss": loss, "grad_norm": grad_norm, **metrics}
+
+    return jax.jit(update)
+
+
+def batch_arrays(batch: SFTBatch) -> dict:
+    return {f.name: jnp.asarray(getattr(batch, f.name)) for f in dataclasses.fields(batch)}
+
+
+def train(
+    config: SFTConfig,
+    *,
+    policy: Any,
+    tokenizer: Any,
+    examples: Sequence[dict],
+) -> TrainResult:
+    """Fine-tunes ``policy`` on prompt/response records (strings or chat messages, or
+    ``messages`` conversations); the loss covers response tokens (and eos) only.
+
+    Args:
+      config: SFTConfig.
+      policy: CausalLM or a local HF checkpoint path.
+      tokenizer: HF tokenizer or CharTokenizer.
+      examples: records ``{prompt, response}`` or ``{messages}``.
+
+    Returns:
+      TrainResult (model, per-step metrics, output_dir).
+    """
+    validate_records(examples)
+    model = as_model(policy)
+    loader = SFTLoader(examples, tokenizer, config.batch_size, max_len=config.max_len, seed=config.run.seed,
+                       pack=config.pack, bucket=config.bucket, add_bos=config.add_bos)
+    split = split_model(model)
+    tx = make_optimizer(config.optim, config.run.total_steps)
+    update = _make_update(split, tx, config)
+    state = {"params": split.params, "opt_state": tx.init(split.params)}
+    loop = TrainLoop(config, config.run, desc="sft")
+    state, start = loop.start(state)
+    if "loader" in loop.meta:
+        loader.load_state_dict(loop.meta["loader"])
+    for step in range(start, config.run.total_steps):
+        t0 = time.perf_counter()
+        batch = batch_arrays(next(loader))
+        params, opt_state, finite, metrics = update(state["params"], state["opt_state"], batch)
+        state = {"params": params, "opt_state": opt_state}
+        tokens = float(np.asarray(batch["loss_mask"]).sum())
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
+        loop.end_step(step, state, metrics, finite=bool(finite), meta={"loader": loader.state_dict()})
+    return loop.finish(state, model=split.merge(state["params"]))
