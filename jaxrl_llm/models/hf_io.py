@@ -337,6 +337,7 @@ def load_hf(
     fused = _fused_expert_keys(config) if config.is_moe else {}
     np_dtype = np.dtype(jnp.dtype(dtype))
     expert_buffers: dict[Path, np.ndarray] = {}
+    expert_fill: dict[Path, set[int]] = {}
     loaded: set[str] = set()
     unexpected: list[str] = []
 
@@ -364,24 +365,22 @@ def load_hf(
                     if spec.expert is None:
                         place(spec.path, value)
                     else:
+                        # stack experts on the host; place as soon as all E are read.
                         if spec.path not in expert_buffers:
                             expert_buffers[spec.path] = np.zeros(
                                 _get_variable(model, spec.path).get_value().shape, np_dtype
                             )
+                            expert_fill[spec.path] = set()
                         expert_buffers[spec.path][spec.expert] = value
+                        expert_fill[spec.path].add(spec.expert)
+                        if len(expert_fill[spec.path]) == config.num_experts:
+                            place(spec.path, expert_buffers.pop(spec.path))
                     loaded.add(key)
                 elif key in fused:
                     layer, which = fused[key]
-                    _load_fused(
-                        f.get_tensor(key),
-                        key,
-                        layer,
-                        which,
-                        config,
-                        model,
-                        expert_buffers,
-                        np_dtype,
-                    )
+                    parts = _split_fused(f.get_tensor(key), key, layer, which, config)
+                    for path_, value in parts.items():
+                        place(path_, value.astype(np_dtype))
                     loaded.update(
                         s.hf_key
                         for s in specs
@@ -397,9 +396,7 @@ def load_hf(
                     continue
                 else:
                     unexpected.append(key)
-    for path_, buf in expert_buffers.items():
-        place(path_, buf)
-    del expert_buffers
+    del expert_buffers  # incomplete expert stacks are reported as missing below
 
     if unexpected:
         raise ValueError(
@@ -421,20 +418,21 @@ def load_hf(
             f"checkpoint {path!r} is missing {len(missing)} tensors for {config.model_type} "
             f"(kind={kind}): {missing[:8]}{' ...' if len(missing) > 8 else ''}."
         )
+    unset = [
+        jax.tree_util.keystr(p)
+        for p, leaf in jax.tree.flatten_with_path(nnx.state(model))[0]
+        if isinstance(leaf, jax.ShapeDtypeStruct)
+    ]
+    if unset:
+        raise ValueError(f"checkpoint {path!r} left parameters unset: {unset[:8]}.")
     return model, config
 
 
-def _load_fused(
-    w: np.ndarray,
-    key: str,
-    layer: int,
-    which: str,
-    config: ModelConfig,
-    model,
-    buffers: dict,
-    np_dtype,
-) -> None:
-    """transformers 5 fused experts: gate_up_proj [E, 2F, D], down_proj [E, D, F]."""
+def _split_fused(
+    w: np.ndarray, key: str, layer: int, which: str, config: ModelConfig
+) -> dict[Path, np.ndarray]:
+    """transformers 5 fused experts → our params: gate_up_proj [E, 2F, D] → gate_proj,
+    up_proj [E, D, F]; down_proj [E, D, F] → down_proj [E, F, D]."""
     e, f, d = config.num_experts, config.moe_intermediate_size, config.hidden_size
     expected = (e, 2 * f, d) if which == "gate_up" else (e, d, f)
     if tuple(w.shape) != expected:
@@ -444,8 +442,10 @@ def _load_fused(
         parts = {"gate_proj": w[:, :f, :], "up_proj": w[:, f:, :]}
     else:
         parts = {"down_proj": w}
-    for name, part in parts.items():
-        buffers[base + (name,)] = np.ascontiguousarray(np.swapaxes(part, 1, 2)).astype(np_dtype)
+    return {
+        base + (name,): np.ascontiguousarray(np.swapaxes(part, 1, 2))
+        for name, part in parts.items()
+    }
 
 
 def save_hf(

@@ -41,7 +41,7 @@ def make_param(rngs: nnx.Rngs, shape, names, param_dtype, init: str = "normal") 
         value = jnp.zeros(shape, jnp.float32)
     else:
         raise ValueError(f"init={init!r}; expected 'normal', 'ones' or 'zeros'.")
-    return nnx.Param(value.astype(param_dtype), sharding_names=tuple(names), eager_sharding=False)
+    return nnx.Param(value.astype(param_dtype), out_sharding=tuple(names), eager_sharding=False)
 
 
 def route(

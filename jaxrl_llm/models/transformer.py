@@ -414,8 +414,13 @@ class Transformer(nnx.Module):
         *,
         attention_mask: Array | None = None,
         routing: Array | None = None,
+        segment_ids: Array | None = None,
     ):
-        """Returns (hidden [B, T, D], cache, routing [M, B, T, k] or None, aux_loss [])."""
+        """Returns (hidden [B, T, D], cache, routing [M, B, T, k] or None, aux_loss []).
+
+        ``segment_ids`` [B, T] (packed rows, no cache): a token attends only to earlier
+        tokens of the same segment, so packed examples never see each other.
+        """
         config = self.config
         chex.assert_rank(tokens, 2)
         b, t = tokens.shape
@@ -454,9 +459,15 @@ class Transformer(nnx.Module):
                 index=index + t,
             )
 
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
         masks = {}
         for window in {blk.window for blk in self.layers}:
             masks[window] = make_attention_mask(q_slots, positions, kv_valid, kv_positions, window)
+            if segment_ids is not None:
+                chex.assert_shape(segment_ids, (b, t))
+                same = segment_ids[:, :, None] == segment_ids[:, None, :]
+                masks[window] = masks[window] & (same | jnp.eye(t, dtype=bool)[None])
 
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
         all_indices, aux_total = [], jnp.zeros((), jnp.float32)
@@ -569,6 +580,7 @@ class CausalLM(nnx.Module):
         attention_mask: Array | None = None,
         return_hidden: bool = False,
         routing: Array | None = None,
+        segment_ids: Array | None = None,
     ) -> CausalLMOutput:
         """Full forward.
 
@@ -580,12 +592,15 @@ class CausalLM(nnx.Module):
           attention_mask: [B, T] 1 for real tokens, 0 for padding (default all 1).
           return_hidden: skip the output projection (`logits` is None).
           routing: [M, B, T, k] int32 recorded expert choices to replay (MoE only).
+          segment_ids: [B, T] int example id of each token in packed rows (no cache);
+            attention stays within a segment. Pass per-example ``positions`` with it.
 
         Returns:
           CausalLMOutput.
         """
         hidden, cache, out_routing, aux = self.model(
-            tokens, positions, cache, attention_mask=attention_mask, routing=routing
+            tokens, positions, cache, attention_mask=attention_mask, routing=routing,
+            segment_ids=segment_ids,
         )
         logits = None
         if not return_hidden:

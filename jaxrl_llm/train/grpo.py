@@ -27,7 +27,6 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxrl_llm import ops
 from jaxrl_llm.data.prompts import PromptBatch, PromptLoader
@@ -342,7 +341,7 @@ def _sample_round(model, loader, config, rng, pad, stop_ids) -> tuple[PromptBatc
 def _concat(batches: list[ScoredBatch], group_size: int, want_groups: int) -> tuple[ScoredBatch, np.ndarray]:
     """Keeps informative groups across rounds (first `want_groups`); pads with fully masked
     groups so the batch shape (and the compiled update) never changes."""
-    keep_rows, sources = [], []
+    sources = []
     for bi, b in enumerate(batches):
         for gi in np.where(informative_groups(b.scores, b.valid, group_size))[0]:
             sources.append((bi, gi))

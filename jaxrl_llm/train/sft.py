@@ -71,10 +71,13 @@ def sft_forward_loss(model: nnx.Module, batch: dict, agg: str, chunk_size: int, 
     return ops.sft_loss(logp, batch["loss_mask"][:, 1:], agg)
 
 
-def _make_update(split: SplitModel, tx, config: SFTConfig):
+def make_sft_update(split: SplitModel, tx, loss_agg: str, chunk_size: int, packed: bool = False):
+    """Jitted SFT step (shared by SFT and RFT):
+    (params, opt_state, batch) → (params, opt_state, finite, metrics)."""
+
     def update(params, opt_state, batch):
         def loss_fn(p):
-            return sft_forward_loss(split.merge(p), batch, config.loss_agg, config.logprob_chunk_size, config.pack)
+            return sft_forward_loss(split.merge(p), batch, loss_agg, chunk_size, packed)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         params, opt_state, finite = apply_if_finite(tx, params, opt_state, grads, loss)
@@ -113,7 +116,7 @@ def train(
                        pack=config.pack, bucket=config.bucket, add_bos=config.add_bos)
     split = split_model(model)
     tx = make_optimizer(config.optim, config.run.total_steps)
-    update = _make_update(split, tx, config)
+    update = make_sft_update(split, tx, config.loss_agg, config.logprob_chunk_size, config.pack)
     state = {"params": split.params, "opt_state": tx.init(split.params)}
     loop = TrainLoop(config, config.run, desc="sft")
     state, start = loop.start(state)

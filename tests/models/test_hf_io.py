@@ -270,3 +270,26 @@ def test_load_places_each_tensor_with_sharding_fn(tmp_path):
     assert q.sharding.spec == PartitionSpec(None, "tensor", None)
     assert len(q.addressable_shards) == 2
     assert _compare(hf_model, model, np.random.default_rng(8)) <= TOL
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_fused_expert_checkpoint_format(family, tmp_path):
+    """transformers 5 in-memory layout (experts.gate_up_proj [E, 2F, D], experts.down_proj
+    [E, D, F]) loads like the per-expert layout."""
+    from safetensors.numpy import load_file, save_file
+
+    hf_model = make_hf_model(family)
+    hf_model.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    prefix = "block_sparse_moe" if family == "mixtral" else "mlp"
+    names = ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    for layer in range(2):
+        base = f"model.layers.{layer}.{prefix}.experts."
+        pop = [[tensors.pop(f"{base}{e}.{n}.weight") for e in range(4)] for n in names]
+        tensors[base + "gate_up_proj"] = np.stack(
+            [np.concatenate([g, u], axis=0) for g, u in zip(pop[0], pop[1], strict=True)]
+        )
+        tensors[base + "down_proj"] = np.stack(pop[2])
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    model, _ = load_hf(str(tmp_path))
+    assert _compare(hf_model, model, np.random.default_rng(9)) <= TOL

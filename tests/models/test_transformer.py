@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrl_llm.models import CausalLM, KVCache, reference_attention
+from jaxrl_llm.models import CausalLM, KVCache, reference_attention, tiny_config
 from jaxrl_llm.models.transformer import attend, make_attention_mask
 from tests.models.helpers import VOCAB as V
 from tests.models.helpers import padded_batch, scale_params, small_config, small_model
@@ -252,3 +252,20 @@ def test_cache_overflow_is_an_error():
         model(jnp.ones((3, 1), jnp.int32), cache=cache)
     with pytest.raises(ValueError, match="max_len=4"):
         model(jnp.ones((3, 12), jnp.int32), cache=model.init_cache(3, 4))
+
+
+def test_segment_ids_make_packed_examples_independent():
+    """A packed row [a | b] gives each example the logits it has alone."""
+    model = CausalLM(tiny_config("llama"), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 256, 5), rng.integers(0, 256, 7)
+    packed = jnp.asarray(np.concatenate([a, b])[None])
+    segments = jnp.asarray([[1] * 5 + [2] * 7])
+    positions = jnp.asarray([list(range(5)) + list(range(7))])
+    out = model.forward(packed, positions, segment_ids=segments).logits
+    alone_a = model.forward(jnp.asarray(a[None])).logits
+    alone_b = model.forward(jnp.asarray(b[None])).logits
+    np.testing.assert_allclose(out[0, :5], alone_a[0], atol=1e-5)
+    np.testing.assert_allclose(out[0, 5:], alone_b[0], atol=1e-5)
+    unsegmented = model.forward(packed, positions).logits
+    assert np.abs(np.asarray(unsegmented[0, 5:] - alone_b[0])).max() > 1e-3  # the mask matters

@@ -1,7 +1,6 @@
 """GRPO-family trainer: presets, per-preset loss vs a numpy reference, dynamic sampling,
 routing replay, and short end-to-end runs."""
 
-import dataclasses
 import logging
 import math
 

@@ -2,7 +2,6 @@
 and exact resume after an interruption."""
 
 import dataclasses
-import json
 
 import chex
 import jax
