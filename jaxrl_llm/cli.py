@@ -114,13 +114,73 @@ def _grpo(args: argparse.Namespace) -> int:
     given = load_config_dict(args.config, args.overrides)
     typed = from_dict(grpo.GRPOConfig, given)
     config = grpo.GRPOConfig.preset(args.preset, **{k: getattr(typed, k) for k in given})
-    rewards = _rewards()
-    if args.reward not in rewards:
-        raise SystemExit(f"--reward must be one of {sorted(rewards)}, got {args.reward!r}")
     result = grpo.train(config, policy=_load_policy(args.policy), tokenizer=_load_tokenizer(args.tokenizer),
-                        prompts=load_records(args.data), reward_fn=rewards[args.reward])
+                        prompts=load_records(args.data), reward_fn=_reward(args.reward))
     _finish(result)
     return 0
+
+
+def _dpo(args: argparse.Namespace) -> int:
+    from jaxrl_llm.data import load_records
+    from jaxrl_llm.train import dpo
+    from jaxrl_llm.train.config import load_config
+
+    _require(args, "policy", "tokenizer", "data")
+    config = load_config(dpo.DPOConfig, args.config, args.overrides)
+    preferences = load_records(args.data, required=("prompt",))
+    result = dpo.train(config, policy=_load_policy(args.policy), tokenizer=_load_tokenizer(args.tokenizer),
+                       preferences=preferences)
+    _finish(result)
+    return 0
+
+
+def _rft(args: argparse.Namespace) -> int:
+    from jaxrl_llm.data import load_records
+    from jaxrl_llm.train import rft
+    from jaxrl_llm.train.config import load_config
+
+    _require(args, "policy", "tokenizer", "data", "reward")
+    config = load_config(rft.RFTConfig, args.config, args.overrides)
+    result = rft.train(config, policy=_load_policy(args.policy), tokenizer=_load_tokenizer(args.tokenizer),
+                       prompts=load_records(args.data), reward_fn=_reward(args.reward))
+    _finish(result)
+    return 0
+
+
+def _reward_model(args: argparse.Namespace) -> int:
+    from jaxrl_llm.data import load_records
+    from jaxrl_llm.train import reward_model
+    from jaxrl_llm.train.config import load_config
+
+    _require(args, "policy", "tokenizer", "data")
+    config = load_config(reward_model.RewardConfig, args.config, args.overrides)
+    result = reward_model.train(config, model=_load_policy(args.policy), tokenizer=_load_tokenizer(args.tokenizer),
+                                preferences=load_records(args.data, required=("prompt",)))
+    _finish(result)
+    return 0
+
+
+def _ppo(args: argparse.Namespace) -> int:
+    from jaxrl_llm.data import load_records
+    from jaxrl_llm.train import ppo
+    from jaxrl_llm.train.config import load_config
+
+    _require(args, "policy", "tokenizer", "data")
+    if args.reward is None and args.reward_model is None:
+        raise SystemExit("jaxrl-llm ppo: give --reward-model (a reward checkpoint) and/or --reward (a function name)")
+    config = load_config(ppo.PPOConfig, args.config, args.overrides)
+    result = ppo.train(config, policy=_load_policy(args.policy), tokenizer=_load_tokenizer(args.tokenizer),
+                       prompts=load_records(args.data), reward_model=args.reward_model,
+                       reward_fn=None if args.reward is None else _reward(args.reward))
+    _finish(result)
+    return 0
+
+
+def _reward(name: str):
+    rewards = _rewards()
+    if name not in rewards:
+        raise SystemExit(f"--reward must be one of {sorted(rewards)}, got {name!r}")
+    return rewards[name]
 
 
 def _finish(result) -> None:
@@ -153,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reward", help="built-in reward function name")
     g.add_argument("--out", default="results", help="quick-start output root (no --policy/--data)")
     g.add_argument("--quick", action="store_true", help="quick-start: a few steps only")
+    stage("dpo", _dpo, "DPO / cDPO / robust / IPO / hinge on prompt/chosen/rejected records")
+    r = stage("rft", _rft, "rejection-sampling fine-tuning with a reward function")
+    r.add_argument("--reward", help="built-in reward function name")
+    stage("reward", _reward_model, "reward model (Bradley–Terry / Plackett–Luce) on preference records")
+    p = stage("ppo", _ppo, "PPO with GAE, KL-shaped rewards and a critic")
+    p.add_argument("--reward", help="built-in reward function name")
+    p.add_argument("--reward-model", dest="reward_model", help="reward model checkpoint directory")
     return parser
 
 

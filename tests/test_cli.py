@@ -54,3 +54,36 @@ def test_missing_inputs_and_bad_keys(tmp_path, arithmetic_jsonl):
     with pytest.raises(ValueError, match="unknown config key"):
         main(["grpo", "--policy", "tiny:llama", "--tokenizer", "char", "--data", str(arithmetic_jsonl),
               "--reward", "arithmetic", "group_sizes=4"])
+
+
+def test_dpo_and_rft_stages(tmp_path, arithmetic_jsonl):
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i + 2)}) + "\n"
+                             for i in range(8)))
+    out = tmp_path / "dpo"
+    assert main(["dpo", "--policy", "tiny:llama", "--tokenizer", "char", "--data", str(prefs), f"run.output_dir={out}",
+                 "run.total_steps=2", "run.progress=false", "batch_size=4", "max_len=16", "beta=0.2"]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["beta"] == 0.2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    out = tmp_path / "rft"
+    assert main(["rft", "--policy", "tiny:llama", "--tokenizer", "char", "--data", str(arithmetic_jsonl),
+                 "--reward", "arithmetic", f"run.output_dir={out}", "run.total_steps=2", "run.progress=false",
+                 "steps_per_iteration=2", "prompts_per_iteration=4", "samples_per_prompt=2", "sampling_batch_size=4",
+                 "max_prompt_len=8", "max_new_tokens=4", "batch_size=2"]) == 0
+
+
+@pytest.mark.slow
+def test_reward_model_then_ppo_pipeline(tmp_path, arithmetic_jsonl):
+    """The RLHF chain from the command line: preferences → reward model → PPO against it."""
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": f"{i}+1=", "chosen": "aaa", "rejected": "b"}) + "\n" for i in range(8)))
+    rm_dir = tmp_path / "rm"
+    assert main(["reward", "--policy", "tiny:llama", "--tokenizer", "char", "--data", str(prefs), f"run.output_dir={rm_dir}",
+                 "run.total_steps=2", "run.progress=false", "batch_size=4", "max_len=16"]) == 0
+    assert (rm_dir / "reward_model" / "config.json").exists()
+    out = tmp_path / "ppo"
+    assert main(["ppo", "--policy", "tiny:llama", "--tokenizer", "char", "--data", str(arithmetic_jsonl),
+                 "--reward-model", str(rm_dir / "reward_model"), f"run.output_dir={out}", "run.total_steps=1",
+                 "run.progress=false", "prompts_per_step=2", "max_prompt_len=8", "max_new_tokens=4", "ppo_epochs=1"]) == 0
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert "kl" in row and "explained_variance" in row

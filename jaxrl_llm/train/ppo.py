@@ -1,0 +1,738 @@
+"""RLHF with PPO: policy, frozen reference, reward (a reward model or a reward function),
+critic, KL-shaped token rewards and GAE.
+
+Per step: sample responses for B prompts → score them (reward model at the last valid
+token of prompt + response, and/or ``reward_fn``; optional running normalisation and
+clipping) → policy / reference log-probs and critic values on the rollout → per-token
+KL to the reference (``ops.kl_penalty``, k1 by default) → shaped token rewards
+(``ops.shape_token_rewards``: −β·KL per token, score on the last valid token) → GAE
+(``ops.gae``) → whitened advantages (``ops.masked_whiten``) → ``ppo_epochs`` passes of
+minibatch updates of the clipped policy loss, the clipped value loss and an entropy
+bonus → β update (fixed, linear schedule or adaptive controller).
+
+Options: KL in the loss instead of in the reward (``kl_in_reward=False``), a replay
+buffer of earlier rollouts mixed into the update batches, a critic on its own backbone
+(default: a copy of the policy's backbone) or a value head shared with the policy.
+
+Everything a resumed run needs is in the checkpointed state: policy and critic params,
+their optimizer states, the RNG key, β, the reward normaliser's running moments and the
+replay buffer; the prompt loader's position is in the checkpoint's meta.
+
+Shapes: B prompts per step, G samples per prompt, N = B·G rows, P prompt length (fixed
+to ``max_prompt_len``), T = ``max_new_tokens``, L = P + T, D model dim.
+
+References:
+  Schulman et al. 2017, PPO, https://arxiv.org/abs/1707.06347
+  Ziegler et al. 2019, Fine-Tuning LMs from Human Preferences, https://arxiv.org/abs/1909.08593
+  Stiennon et al. 2020, Learning to summarize from human feedback, https://arxiv.org/abs/2009.01325
+  Ouyang et al. 2022, InstructGPT, https://arxiv.org/abs/2203.02155
+  Huang et al. 2024, The N+ implementation details of RLHF with PPO, https://arxiv.org/abs/2403.17031
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxrl_llm import ops
+from jaxrl_llm.data.prompts import OVERLONG_PROMPT_POLICIES, PromptBatch, PromptLoader
+from jaxrl_llm.data.records import validate_records
+from jaxrl_llm.data.tokenization import decode_ids, eos_id, pad_id
+from jaxrl_llm.models.heads import ScalarHeadModel, ValueModel
+from jaxrl_llm.rewards.combine import safe_reward_fn
+from jaxrl_llm.rollout.sampler import Rollout, apply_stop_strings, generate
+from jaxrl_llm.train.guard import apply_if_finite
+from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
+from jaxrl_llm.train.optim import OptimConfig, make_optimizer
+from jaxrl_llm.train.policy import as_model, response_logprobs, split_model
+
+KL_SCHEDULES = ("fixed", "linear", "adaptive")
+REWARD_EPS = 1e-8  # std floor of the running reward normaliser
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """Configuration of the PPO trainer.
+
+    Attributes:
+      run, optim: loop and (policy) optimizer settings.
+      critic_optim: optimizer of the critic (None: same as ``optim``).
+      prompts_per_step: B prompts sampled per step.
+      samples_per_prompt: G responses per prompt (N = B·G rows per step).
+      max_prompt_len: prompts are padded to this; longer ones follow ``overlong_prompts``.
+      overlong_prompts: "error" | "truncate_left" | "drop" (see ``data.PromptLoader``).
+      max_new_tokens: T, the response budget.
+      temperature, top_k, top_p: sampling options.
+      stop_token_ids: extra stop ids; the tokenizer's eos is always one.
+      stop_strings: responses end after the token completing any of these strings.
+      gamma, lam: GAE discount γ and λ.
+      whiten_advantages: whiten advantages over the batch's valid tokens.
+      clip_low, clip_high, dual_clip: PPO ratio clipping (``ops.ppo_policy_loss``).
+      value_clip: value-loss clip range (None: unclipped).
+      vf_coef: weight of the value loss.
+      entropy_coef: weight of the entropy bonus.
+      loss_agg: ``aggregate_loss`` mode of every per-token loss.
+      ppo_epochs: passes over each batch.
+      minibatches: minibatches per pass (each one optimizer update).
+      kl_kind: KL estimator (``ops.KL_KINDS``; "k1" as in InstructGPT, "k3" selectable).
+      kl_coef: β (the initial β for "linear" and "adaptive").
+      kl_schedule: "fixed"; "linear" (β from kl_coef to kl_coef_final over the run);
+        "adaptive" (Ziegler et al. controller toward kl_target with kl_horizon).
+      kl_coef_final: β at the last step of the "linear" schedule.
+      kl_target, kl_horizon: adaptive controller target (per-sequence KL) and horizon
+        (in samples).
+      kl_in_reward: True: −β·KL is part of the token rewards (InstructGPT); False: the KL
+        estimate of the current policy is a loss term β·KL instead (GRPO-style).
+      shared_critic: the critic is a value head on the policy's own hidden states (one
+        backbone, one optimizer) instead of a separate value model.
+      reward_norm: normalise scores with running mean / std over all scores seen so far.
+      reward_clip: clip (normalised) scores to [−c, c] (None: no clip).
+      missing_eos_penalty: subtracted from the score of responses cut at
+        max_new_tokens without a stop token (None: off).
+      reward_default: score for samples ``reward_fn`` could not score (None: the sample
+        is left out of the loss).
+      replay_capacity: rows kept in a replay buffer of earlier rollouts (0: off).
+      replay_rows: rows drawn from the buffer and added to each update batch (once the
+        buffer holds that many).
+      logprob_chunk_size: tokens per chunk of ``logprobs_from_hidden``.
+    """
+
+    run: RunConfig = RunConfig(output_dir="runs/ppo")
+    optim: OptimConfig = OptimConfig(learning_rate=1e-6)
+    critic_optim: OptimConfig | None = None
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 1
+    max_prompt_len: int = 64
+    overlong_prompts: str = "error"
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    value_clip: float | None = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    loss_agg: str = "token_mean"
+    ppo_epochs: int = 4
+    minibatches: int = 1
+    kl_kind: str = "k1"
+    kl_coef: float = 0.05
+    kl_schedule: str = "fixed"
+    kl_coef_final: float | None = None
+    kl_target: float = 6.0
+    kl_horizon: float = 10_000.0
+    kl_in_reward: bool = True
+    shared_critic: bool = False
+    reward_norm: bool = False
+    reward_clip: float | None = None
+    missing_eos_penalty: float | None = None
+    reward_default: float | None = None
+    replay_capacity: int = 0
+    replay_rows: int = 0
+    logprob_chunk_size: int = 1024
+
+    def __post_init__(self):
+        positive = ("prompts_per_step", "samples_per_prompt", "max_prompt_len", "max_new_tokens",
+                    "ppo_epochs", "minibatches", "logprob_chunk_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.overlong_prompts not in OVERLONG_PROMPT_POLICIES:
+            raise ValueError(f"overlong_prompts must be one of {OVERLONG_PROMPT_POLICIES}, got {self.overlong_prompts!r}")
+        if self.loss_agg not in ops.AGGREGATION_MODES:
+            raise ValueError(f"loss_agg must be one of {ops.AGGREGATION_MODES}, got {self.loss_agg!r}")
+        if self.kl_kind not in ops.KL_KINDS:
+            raise ValueError(f"kl_kind must be one of {ops.KL_KINDS}, got {self.kl_kind!r}")
+        if self.kl_schedule not in KL_SCHEDULES:
+            raise ValueError(f"kl_schedule must be one of {KL_SCHEDULES}, got {self.kl_schedule!r}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.kl_schedule == "linear" and (self.kl_coef_final is None or self.kl_coef_final < 0):
+            raise ValueError(f'kl_schedule="linear" needs kl_coef_final >= 0, got {self.kl_coef_final}')
+        if self.kl_schedule == "adaptive":
+            if self.kl_coef <= 0:
+                raise ValueError(f'kl_schedule="adaptive" needs kl_coef > 0 (it scales β), got {self.kl_coef}')
+            if self.kl_target <= 0 or self.kl_horizon <= 0:
+                raise ValueError(f"kl_target and kl_horizon must be > 0, got {self.kl_target}, {self.kl_horizon}")
+        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for RL sampling, got {self.temperature}")
+        if self.value_clip is not None and self.value_clip <= 0:
+            raise ValueError(f"value_clip must be > 0 or None, got {self.value_clip}")
+        if self.reward_clip is not None and self.reward_clip <= 0:
+            raise ValueError(f"reward_clip must be > 0 or None, got {self.reward_clip}")
+        if self.vf_coef < 0 or self.entropy_coef < 0:
+            raise ValueError(f"vf_coef and entropy_coef must be >= 0, got {self.vf_coef}, {self.entropy_coef}")
+        if self.replay_capacity < 0 or self.replay_rows < 0 or self.replay_rows > self.replay_capacity:
+            raise ValueError(f"need 0 <= replay_rows <= replay_capacity, got replay_rows={self.replay_rows}, "
+                             f"replay_capacity={self.replay_capacity}")
+        for rows in {self.num_rows, self.num_rows + self.replay_rows}:
+            if rows % self.minibatches:
+                raise ValueError(f"update batch of {rows} rows (prompts_per_step * samples_per_prompt"
+                                 f"{' (+ replay_rows)' if rows != self.num_rows else ''}) must be divisible "
+                                 f"by minibatches={self.minibatches}")
+
+    @property
+    def num_rows(self) -> int:
+        """N = prompts_per_step · samples_per_prompt rollouts per step."""
+        return self.prompts_per_step * self.samples_per_prompt
+
+    def kl_coef_at(self, step: int) -> float:
+        """β of the "fixed" / "linear" schedules at ``step`` (the adaptive β is state)."""
+        if self.kl_schedule != "linear":
+            return self.kl_coef
+        frac = step / max(self.run.total_steps - 1, 1)
+        return self.kl_coef + (self.kl_coef_final - self.kl_coef) * frac
+
+
+# ---------------------------------------------------------------------------- numpy-side pieces
+
+
+def update_running_moments(stats: dict, x: np.ndarray) -> dict:
+    """Chan et al. parallel update of (count, mean, m2) with a batch ``x`` [n].
+
+    Stored as float32 arrays so that a run restored from a checkpoint continues with
+    bit-identical values.
+    """
+    x = np.asarray(x, np.float64)
+    n_a, mean_a, m2_a = float(stats["count"]), float(stats["mean"]), float(stats["m2"])
+    n_b = x.size
+    if n_b == 0:
+        return stats
+    mean_b = float(x.mean())
+    m2_b = float(((x - mean_b) ** 2).sum())
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    mean = mean_a + delta * n_b / n
+    m2 = m2_a + m2_b + delta**2 * n_a * n_b / n
+    return {k: np.asarray(v, np.float32) for k, v in (("count", n), ("mean", mean), ("m2", m2))}
+
+
+def normalize_scores(scores: np.ndarray, stats: dict) -> np.ndarray:
+    """(s − running mean) / running std (unbiased; std floored by REWARD_EPS)."""
+    count = float(stats["count"])
+    var = float(stats["m2"]) / max(count - 1.0, 1.0)
+    return ((scores - float(stats["mean"])) / np.sqrt(var + REWARD_EPS)).astype(np.float32)
+
+
+def explained_variance(values: np.ndarray, returns: np.ndarray, mask: np.ndarray) -> float:
+    """1 − Var(R − V) / Var(R) over valid tokens (1: perfect critic, ≤ 0: no better than
+    a constant). 0 when the returns have no variance."""
+    m = np.asarray(mask) > 0
+    if m.sum() < 2:
+        return 0.0
+    r, v = np.asarray(returns)[m], np.asarray(values)[m]
+    var_r = r.var()
+    return float(1.0 - (r - v).var() / var_r) if var_r > 0 else 0.0
+
+
+def compute_ppo_targets(
+    scores: jax.Array,
+    logp: jax.Array,
+    ref_logp: jax.Array,
+    values: jax.Array,
+    mask: jax.Array,
+    *,
+    beta: float,
+    kl_kind: str = "k1",
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten: bool = True,
+) -> dict[str, jax.Array]:
+    """The PPO targets of a rollout: KL → shaped rewards → GAE → whitened advantages.
+
+      kl_t = kl_penalty(logp_t, ref_logp_t, kl_kind)
+      r_t  = −β·kl_t (+ score on the last valid token)       (shape_token_rewards)
+      A, R = gae(r, V, γ, λ);  A ← masked_whiten(A) if whiten
+
+    Args:
+      scores: [N] float32 sequence scores.
+      logp, ref_logp: [N, T] float32 policy / reference log-probs of the sampled tokens.
+      values: [N, T] float32 critic values V(s_t).
+      mask: [N, T] 1.0 on valid response tokens.
+      beta: KL coefficient in the reward (0 when the KL is a loss term instead).
+
+    Returns:
+      dict of [N, T] float32 arrays ``kl``, ``rewards``, ``advantages``, ``returns``.
+    """
+    mask = jnp.asarray(mask, jnp.float32)
+    kl = ops.kl_penalty(logp, ref_logp, kl_kind) * mask
+    rewards = ops.shape_token_rewards(scores, kl, mask, beta)
+    advantages, returns = ops.gae(rewards, values, mask, gamma, lam)
+    if whiten:
+        advantages = ops.masked_whiten(advantages, mask)
+    return {"kl": kl, "rewards": rewards, "advantages": advantages, "returns": returns}
+
+
+_targets_jit = jax.jit(compute_ppo_targets, static_argnames=("kl_kind", "gamma", "lam", "whiten"))
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def value_head_init(dim: int) -> jax.Array:
+    """Initial shared value head [D, 1]: zeros (values start at 0)."""
+    return jnp.zeros((dim, 1), jnp.float32)
+
+
+def make_critic(policy: nnx.Module, *, seed: int = 0) -> ValueModel:
+    """A ValueModel with a copy of the policy's backbone weights and a zero value head."""
+    critic = ValueModel(policy.config, rngs=nnx.Rngs(seed))
+    nnx.update(critic.model, jax.tree.map(jnp.array, nnx.state(policy.model, nnx.Param)))
+    critic.score[...] = jnp.zeros_like(critic.score[...])
+    return critic
+
+
+def _as_critic(critic: Any) -> ScalarHeadModel:
+    if isinstance(critic, ScalarHeadModel):
+        if critic.pool != "none":
+            raise ValueError(f'critic must give per-token values (pool="none", e.g. ValueModel), got pool={critic.pool!r}')
+        return critic
+    if isinstance(critic, str):
+        from jaxrl_llm.models.hf_io import load_hf
+
+        model, _ = load_hf(critic, kind="value")
+        return model
+    raise ValueError(f"critic must be a ValueModel or a local checkpoint path, got {type(critic).__name__}")
+
+
+def _as_reward_model(reward_model: Any) -> ScalarHeadModel:
+    if isinstance(reward_model, ScalarHeadModel):
+        if reward_model.pool == "none":
+            raise ValueError('reward_model must pool to one score per sequence (pool "last" or "mean"), got "none"')
+        return reward_model
+    if isinstance(reward_model, str):
+        from jaxrl_llm.models.hf_io import load_hf
+
+        model, _ = load_hf(reward_model, kind="reward")
+        return model
+    raise ValueError(f"reward_model must be a RewardModel or a local checkpoint path, got {type(reward_model).__name__}")
+
+
+# ---------------------------------------------------------------------------- jitted pieces
+#
+# The jitted functions live at module level with the model graphs, the optimizer and the
+# loss options as static arguments, so a second run with the same shapes and options
+# (a resumed run, another β) reuses the compiled code.
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    """The static options of the PPO loss (a hashable subset of PPOConfig)."""
+
+    prompt_len: int
+    chunk_size: int = 1024
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    value_clip: float | None = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    loss_agg: str = "token_mean"
+    kl_in_reward: bool = True
+    kl_kind: str = "k1"
+
+    @classmethod
+    def from_config(cls, config: PPOConfig) -> "LossOptions":
+        return cls(config.max_prompt_len, config.logprob_chunk_size, config.clip_low, config.clip_high,
+                   config.dual_clip, config.value_clip, config.vf_coef, config.entropy_coef, config.loss_agg,
+                   config.kl_in_reward, config.kl_kind)
+
+
+def _forward(params, rests, tokens, full_mask, graphs, opts: LossOptions):
+    """(logp [N, T], entropy [N, T], values [N, T]) of the current policy and critic."""
+    p, chunk = opts.prompt_len, opts.chunk_size
+    policy_graph, critic_graph = graphs
+    policy = nnx.merge(policy_graph, params["policy"], rests[0])
+    if critic_graph is None:  # shared: value head on the policy's hidden states
+        out = policy.forward(tokens, attention_mask=full_mask, return_hidden=True)
+        hidden = out.hidden[:, p - 1 : -1]
+        logp, entropy = ops.logprobs_from_hidden(hidden, policy.unembed, tokens[:, p:], chunk_size=chunk)
+        head = params["critic"]["value_head"]
+        values = jnp.einsum("btd,do->bto", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)[..., 0]
+    else:
+        out = response_logprobs(policy, tokens, full_mask, p, chunk_size=chunk)
+        logp, entropy = out.logprobs, out.entropy
+        critic = nnx.merge(critic_graph, params["critic"], rests[1])
+        values = critic.forward(tokens, attention_mask=full_mask).values[:, p - 1 : -1]
+    return logp, entropy, values.astype(jnp.float32)
+
+
+def ppo_loss(params, batch, rests, graphs, opts: LossOptions):
+    """Clipped policy loss + vf_coef · clipped value loss − entropy_coef · entropy
+    (+ β · KL(π‖π_ref) when the KL is a loss term, ``kl_in_reward=False``).
+
+    ``batch`` holds tokens [N, L], full_mask [N, L], mask [N, T], old_logp [N, T],
+    old_values [N, T], advantages [N, T], returns [N, T], ref_logp [N, T] and the scalar
+    kl_coef. Old log-probs / values, advantages, returns and reference log-probs are
+    constants (stop-gradient inside the ops).
+
+    Returns:
+      (loss, metrics).
+    """
+    logp, entropy, values = _forward(params, rests, batch["tokens"], batch["full_mask"], graphs, opts)
+    mask = batch["mask"]
+    pg_loss, pg_metrics = ops.ppo_policy_loss(logp, batch["old_logp"], batch["advantages"], mask, opts.clip_low,
+                                              opts.clip_high, opts.dual_clip, opts.loss_agg)
+    vf_loss, vf_metrics = ops.value_loss(values, batch["old_values"], batch["returns"], mask, opts.value_clip,
+                                         opts.loss_agg)
+    entropy_loss = ops.aggregate_loss(entropy, mask, opts.loss_agg)
+    loss = pg_loss + opts.vf_coef * vf_loss - opts.entropy_coef * entropy_loss
+    metrics = {"pg_loss": pg_loss, "vf_loss": vf_loss, **pg_metrics, **vf_metrics,
+               "entropy": jax.lax.stop_gradient(ops.masked_mean(entropy, mask))}
+    if not opts.kl_in_reward:
+        kl = ops.kl_penalty(logp, jax.lax.stop_gradient(batch["ref_logp"]), opts.kl_kind)
+        kl_loss = ops.aggregate_loss(kl, mask, opts.loss_agg)
+        loss = loss + batch["kl_coef"] * kl_loss
+        metrics["kl_loss"] = kl_loss
+    return loss, metrics
+
+
+def _global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(tree)))
+
+
+@functools.partial(jax.jit, static_argnames=("graphs", "tx", "opts"))
+def _update_step(params, opt_state, batch, rests, *, graphs, tx, opts):
+    (loss, metrics), grads = jax.value_and_grad(ppo_loss, has_aux=True)(params, batch, rests, graphs, opts)
+    metrics["grad_norm"] = _global_norm(grads["policy"])
+    metrics["critic_grad_norm"] = _global_norm(grads["critic"])
+    params, opt_state, finite = apply_if_finite(tx, params, opt_state, grads, loss)
+    return params, opt_state, finite, {"loss": loss, **metrics}
+
+
+@functools.partial(jax.jit, static_argnames=("graphs", "opts"))
+def _evaluate(params, ref_params, rests, tokens, full_mask, *, graphs, opts):
+    """Rollout-time forward: policy log-probs / entropy, values, reference log-probs."""
+    logp, entropy, values = _forward(params, rests, tokens, full_mask, graphs, opts)
+    ref = nnx.merge(graphs[0], ref_params, rests[0])
+    ref_logp = response_logprobs(ref, tokens, full_mask, opts.prompt_len, chunk_size=opts.chunk_size).logprobs
+    return logp, entropy, values, ref_logp
+
+
+@functools.partial(jax.jit, static_argnames=("graph",))
+def _score_jit(state, tokens, full_mask, *, graph):
+    return nnx.merge(graph, state)(tokens, attention_mask=full_mask)
+
+
+def _make_reward_model_fn(reward_model: ScalarHeadModel):
+    graph, state = nnx.split(reward_model)
+    return lambda tokens, full_mask: _score_jit(state, tokens, full_mask, graph=graph)
+
+
+@functools.lru_cache(maxsize=16)
+def _optimizer(optim: OptimConfig, critic_optim: OptimConfig, total_updates: int) -> optax.GradientTransformation:
+    """One optax chain per parameter group ("policy", "critic"); cached so that runs with
+    the same settings share compiled updates."""
+    return optax.multi_transform(
+        {"policy": make_optimizer(optim, total_updates), "critic": make_optimizer(critic_optim, total_updates)},
+        lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()},
+    )
+
+
+def _schedule_length(optim: OptimConfig, total_updates: int) -> int:
+    """A constant schedule does not depend on the run length (better cache hits)."""
+    return 1 if optim.schedule == "constant" else total_updates
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+def score_rollout(
+    rollout: Rollout,
+    prompts: PromptBatch,
+    tokenizer: Any,
+    config: PPOConfig,
+    *,
+    reward_fn: Callable | None,
+    reward_model_fn: Callable | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raw sequence scores [N] (NaN where unscored) and the valid mask [N].
+
+    The reward model scores prompt + response at the last valid token; ``reward_fn``
+    (TRL convention) scores the decoded completion; given both, the scores add up.
+    """
+    g = config.samples_per_prompt
+    n = rollout.num_rows
+    total = np.zeros(n, np.float64)
+    if reward_model_fn is not None:
+        tokens, full_mask = rollout.full_tokens()
+        total += np.asarray(reward_model_fn(tokens, full_mask), np.float64)
+    if reward_fn is not None:
+        toks, lengths = np.asarray(rollout.tokens), np.asarray(rollout.lengths)
+        completions = [decode_ids(tokenizer, toks[i, : lengths[i]].tolist(), skip_special_tokens=True)
+                       for i in range(n)]
+        texts = [t for t in prompts.texts for _ in range(g)]
+        columns = {k: [v for v in vals for _ in range(g)] for k, vals in prompts.columns.items()}
+        raw = reward_fn(texts, completions, **columns)
+        if len(raw) != n:
+            raise ValueError(f"reward_fn returned {len(raw)} scores for {n} completions")
+        total += np.array([np.nan if r is None else float(r) for r in raw], np.float64)
+    if config.missing_eos_penalty is not None:
+        total -= config.missing_eos_penalty * (~np.asarray(rollout.finished)).astype(np.float64)
+    valid = np.isfinite(total)
+    return total.astype(np.float32), valid
+
+
+# ---------------------------------------------------------------------------- replay buffer
+
+
+_REPLAY_KEYS = ("tokens", "full_mask", "mask", "old_logp", "old_values", "advantages", "returns", "ref_logp")
+
+
+def _empty_replay(capacity: int, length: int, t: int) -> dict:
+    out = {"size": np.zeros((), np.int32), "pos": np.zeros((), np.int32)}
+    for k in _REPLAY_KEYS:
+        out[k] = np.zeros((capacity, length if k in ("tokens", "full_mask") else t),
+                          np.int32 if k in ("tokens", "full_mask") else np.float32)
+    return out
+
+
+def _replay_push(buffer: dict, batch: dict) -> dict:
+    capacity = buffer["tokens"].shape[0]
+    n = batch["tokens"].shape[0]
+    pos = int(buffer["pos"])
+    idx = (pos + np.arange(n)) % capacity
+    out = {k: np.array(buffer[k]) for k in _REPLAY_KEYS}
+    for k in _REPLAY_KEYS:
+        out[k][idx] = np.asarray(batch[k])
+    out["pos"] = np.asarray((pos + n) % capacity, np.int32)
+    out["size"] = np.asarray(min(int(buffer["size"]) + n, capacity), np.int32)
+    return out
+
+
+# ---------------------------------------------------------------------------- train
+
+
+def train(
+    config: PPOConfig,
+    *,
+    policy: Any,
+    tokenizer: Any,
+    prompts: Sequence[dict],
+    reward_model: Any = None,
+    reward_fn: Callable | None = None,
+    critic: Any = None,
+    reference: Any = None,
+) -> TrainResult:
+    """Trains ``policy`` with PPO against a reward model and/or a reward function.
+
+    Args:
+      config: PPOConfig.
+      policy: a CausalLM or a local HF checkpoint path.
+      tokenizer: HF tokenizer or ``CharTokenizer`` (no pad token: eos is used for
+        padding, which is always masked; no eos token: an error).
+      prompts: records with a ``prompt`` (string or chat messages) and extra columns
+        passed to ``reward_fn`` as keyword lists.
+      reward_model: a RewardModel (``ScalarHeadModel`` pooling "last"/"mean") or a local
+        checkpoint path (``load_hf(kind="reward")``); it must share the policy's
+        tokenizer. It scores prompt + response at the last valid token.
+      reward_fn: ``reward_fn(prompts, completions, **columns) -> list[float | None]``.
+      critic: a ValueModel (own backbone) or a local checkpoint path
+        (``load_hf(kind="value")``); default: a copy of the policy's backbone with a zero
+        value head. Must be None with ``config.shared_critic``.
+      reference: frozen reference model (default: the initial policy).
+
+    Returns:
+      TrainResult whose ``model`` is the trained policy; ``history`` has per-step metrics
+      (reward, kl, kl_coef, entropy, clipfrac, approx_kl, explained_variance, ...).
+      The trained critic is ``result.critic`` (attribute added on the result).
+    """
+    if reward_model is None and reward_fn is None:
+        raise ValueError("PPO needs a reward: pass reward_model and/or reward_fn")
+    if config.shared_critic and critic is not None:
+        raise ValueError("shared_critic=True uses a value head on the policy; do not pass a critic")
+    validate_records(prompts, required=("prompt",))
+    model = as_model(policy)
+    pad = pad_id(tokenizer)
+    stop_ids = tuple(dict.fromkeys((eos_id(tokenizer), *config.stop_token_ids)))
+    loader = PromptLoader(prompts, tokenizer, config.prompts_per_step, seed=config.run.seed,
+                          max_prompt_len=config.max_prompt_len, overlong=config.overlong_prompts,
+                          padding_side="right", bucket="max")
+
+    # models
+    policy_split = split_model(model)
+    ref_params = policy_split.params
+    if reference is not None:
+        ref_split = split_model(as_model(reference))
+        if ref_split.graphdef != policy_split.graphdef:
+            raise ValueError("reference must have the policy's architecture (same config); got a different model")
+        ref_params = ref_split.params
+    if config.shared_critic:
+        critic_split = None
+        critic_params = {"value_head": value_head_init(model.config.hidden_size)}
+    else:
+        critic_model = _as_critic(critic) if critic is not None else make_critic(model, seed=config.run.seed)
+        critic_split = split_model(critic_model)
+        critic_params = critic_split.params
+    reward_model_fn = None
+    if reward_model is not None:
+        rm = _as_reward_model(reward_model)
+        if rm.config.vocab_size < model.config.vocab_size:
+            raise ValueError(f"reward_model vocab_size={rm.config.vocab_size} < policy vocab_size="
+                             f"{model.config.vocab_size}: it must share the policy's tokenizer (wrap a "
+                             "differently tokenized reward model in a reward_fn instead)")
+        reward_model_fn = _make_reward_model_fn(rm)
+    safe_reward = safe_reward_fn(reward_fn, default=config.reward_default) if reward_fn is not None else None
+
+    # optimizers: one chain per parameter group
+    updates_per_step = config.ppo_epochs * config.minibatches
+    total_updates = config.run.total_steps * updates_per_step
+    critic_optim = config.critic_optim or config.optim
+    length = max(_schedule_length(config.optim, total_updates), _schedule_length(critic_optim, total_updates))
+    tx = _optimizer(config.optim, critic_optim, length)
+    params = {"policy": policy_split.params, "critic": critic_params}
+    opts = LossOptions.from_config(config)
+    graphs = (policy_split.graphdef, None if critic_split is None else critic_split.graphdef)
+    rests = (policy_split.rest, None if critic_split is None else critic_split.rest)
+
+    n_rows, t_len = config.num_rows, config.max_new_tokens
+    state = {
+        "params": params,
+        "opt_state": tx.init(params),
+        "rng": jax.random.key_data(jax.random.PRNGKey(config.run.seed)),
+        "kl_coef": np.asarray(config.kl_coef, np.float32),
+        "reward_stats": {k: np.zeros((), np.float32) for k in ("count", "mean", "m2")},
+    }
+    if config.replay_capacity:
+        state["replay"] = _empty_replay(config.replay_capacity, config.max_prompt_len + t_len, t_len)
+    loop = TrainLoop(config, config.run, desc="ppo")
+    state, start = loop.start(state)
+    if "prompt_loader" in loop.meta:
+        loader.load_state_dict(loop.meta["prompt_loader"])
+
+    for step in range(start, config.run.total_steps):
+        t0 = time.perf_counter()
+        rng, k_step = jax.random.split(jax.random.wrap_key_data(jnp.asarray(state["rng"])))
+        params = state["params"]
+        beta = float(state["kl_coef"]) if config.kl_schedule == "adaptive" else config.kl_coef_at(step)
+
+        # sample
+        prompt_batch = next(loader)
+        rollout = generate(
+            policy_split.merge(params["policy"]), prompt_batch.tokens, prompt_batch.mask,
+            max_new_tokens=t_len, num_samples=config.samples_per_prompt, temperature=config.temperature,
+            top_k=config.top_k, top_p=config.top_p, stop_token_ids=stop_ids, pad_token_id=pad, rng=k_step,
+            prompt_bucket=0,
+        )
+        rollout = apply_stop_strings(rollout, tokenizer, config.stop_strings)
+        t_sample = time.perf_counter() - t0
+
+        # score
+        raw, valid = score_rollout(rollout, prompt_batch, tokenizer, config, reward_fn=safe_reward,
+                                   reward_model_fn=reward_model_fn)
+        reward_stats = state["reward_stats"]
+        scores = np.where(valid, raw, 0.0).astype(np.float32)
+        if config.reward_norm and valid.any():
+            reward_stats = update_running_moments(reward_stats, raw[valid])
+            scores = np.where(valid, normalize_scores(raw, reward_stats), 0.0).astype(np.float32)
+        if config.reward_clip is not None:
+            scores = np.clip(scores, -config.reward_clip, config.reward_clip)
+
+        # log-probs, values, KL-shaped rewards, GAE
+        t1 = time.perf_counter()
+        tokens, full_mask = rollout.full_tokens()
+        mask = (np.asarray(rollout.mask) * valid[:, None]).astype(np.float32)
+        old_logp, entropy, old_values, ref_logp = _evaluate(params, ref_params, rests, tokens, full_mask,
+                                                            graphs=graphs, opts=opts)
+        targets = _targets_jit(
+            jnp.asarray(scores), old_logp, ref_logp, old_values, jnp.asarray(mask),
+            beta=jnp.float32(beta if config.kl_in_reward else 0.0), kl_kind=config.kl_kind, gamma=config.gamma,
+            lam=config.lam, whiten=config.whiten_advantages)
+        t_logprob = time.perf_counter() - t1
+
+        # update: ppo_epochs × minibatches (+ replayed rows)
+        t2 = time.perf_counter()
+        current = {
+            "tokens": np.asarray(tokens), "full_mask": np.asarray(full_mask), "mask": mask,
+            "old_logp": np.asarray(old_logp), "old_values": np.asarray(old_values),
+            "advantages": np.asarray(targets["advantages"]), "returns": np.asarray(targets["returns"]),
+            "ref_logp": np.asarray(ref_logp),
+        }
+        perm_rng = np.random.default_rng((config.run.seed, step, 20_000))
+        update_batch = current
+        replay_used = 0
+        if config.replay_capacity:
+            buffer = state["replay"]
+            if config.replay_rows and int(buffer["size"]) >= config.replay_rows:
+                pick = perm_rng.choice(int(buffer["size"]), config.replay_rows, replace=False)
+                update_batch = {k: np.concatenate([current[k], np.asarray(buffer[k])[pick]]) for k in _REPLAY_KEYS}
+                replay_used = config.replay_rows
+        rows = n_rows + replay_used
+        mb_size = rows // config.minibatches
+        opt_state, all_finite, update_metrics = state["opt_state"], True, []
+        passes = config.ppo_epochs if update_batch["mask"].sum() > 0 else 0  # nothing scored: no step
+        for _ in range(passes):
+            order = perm_rng.permutation(rows) if config.minibatches > 1 else np.arange(rows)
+            for mb in range(config.minibatches):
+                idx = order[mb * mb_size : (mb + 1) * mb_size]
+                mb_batch = {k: jnp.asarray(v[idx]) for k, v in update_batch.items()}
+                mb_batch["kl_coef"] = jnp.asarray(beta, jnp.float32)
+                params, opt_state, finite, m = _update_step(params, opt_state, mb_batch, rests, graphs=graphs, tx=tx,
+                                                           opts=opts)
+                all_finite = all_finite and bool(finite)
+                update_metrics.append(m)
+        t_update = time.perf_counter() - t2
+
+        # KL controller (per-sequence KL of this rollout)
+        seq_kl = np.asarray(targets["kl"]).sum(axis=1)
+        kl_mean = float(seq_kl[valid].mean()) if valid.any() else 0.0
+        kl_coef_state = state["kl_coef"]
+        if config.kl_schedule == "adaptive":
+            kl_coef_state = np.asarray(
+                ops.adaptive_kl_coef(state["kl_coef"], kl_mean, n_rows, config.kl_target, config.kl_horizon), np.float32)
+        new_state = {"params": params, "opt_state": opt_state, "rng": jax.random.key_data(rng),
+                     "kl_coef": kl_coef_state, "reward_stats": reward_stats}
+        if config.replay_capacity:
+            new_state["replay"] = _replay_push(state["replay"], current)
+        state = new_state
+
+        # metrics
+        lengths = np.asarray(rollout.lengths)
+        mean_update = ({k: float(np.mean([float(m[k]) for m in update_metrics])) for k in update_metrics[0]}
+                       if update_metrics else {})
+        rewards_np = np.asarray(targets["rewards"])
+        metrics = {
+            **mean_update,
+            "reward": float(raw[valid].mean()) if valid.any() else 0.0,
+            "reward_std": float(raw[valid].std()) if valid.any() else 0.0,
+            "score": float(scores[valid].mean()) if valid.any() else 0.0,
+            "kl": kl_mean,
+            "kl_coef": beta,
+            "non_score_reward": float((rewards_np.sum(1) - np.where(valid, scores, 0.0))[valid].mean()) if valid.any() else 0.0,
+            "rollout_entropy": float(ops.masked_mean(entropy, mask)),
+            "explained_variance": explained_variance(np.asarray(old_values), np.asarray(targets["returns"]), mask),
+            "value_mean": float(ops.masked_mean(old_values, mask)),
+            "returns_mean": float(ops.masked_mean(targets["returns"], mask)),
+            "response_length_mean": float(lengths.mean()),
+            "response_length_max": int(lengths.max()),
+            "truncated_fraction": float(np.mean(~np.asarray(rollout.finished))),
+            "reward_failures": int((~valid).sum()),
+            "replay_rows": replay_used,
+            "time_sampling": t_sample,
+            "time_logprobs": t_logprob,
+            "time_update": t_update,
+        }
+        loop.end_step(step, state, metrics, finite=all_finite, meta={"prompt_loader": loader.state_dict()})
+
+    result = loop.finish(state, model=policy_split.merge(state["params"]["policy"]))
+    result.critic = (critic_split.merge(state["params"]["critic"]) if critic_split is not None
+                     else state["params"]["critic"]["value_head"])
+    result.kl_coef = float(state["kl_coef"]) if config.kl_schedule == "adaptive" else config.kl_coef_at(config.run.total_steps - 1)
+    return result
