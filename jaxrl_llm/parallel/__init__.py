@@ -12,9 +12,19 @@ Typical use (same code on 1 device or a multi-host mesh)::
     state = step.init(policy)
     state, metrics = step(state, batch)
 
+    parallel.print_memory_estimate(cfg, (1, 8, 1), batch=64, seq_len=2048)  # fits?
+
 See docs/scaling.md.
 """
 
+from jaxrl_llm.parallel.memory import (
+    MEMORY_TERMS,
+    abstract_mesh,
+    estimate_memory,
+    format_memory_estimate,
+    per_device_bytes,
+    print_memory_estimate,
+)
 from jaxrl_llm.parallel.mesh import MESH_AXES, data_parallel_size, init_distributed, make_mesh
 from jaxrl_llm.parallel.rules import (
     LOGICAL_AXIS_RULES,
@@ -92,4 +102,11 @@ __all__ = [
     "accumulate_gradients",
     "TrainStep",
     "make_train_step",
+    # memory
+    "MEMORY_TERMS",
+    "abstract_mesh",
+    "per_device_bytes",
+    "estimate_memory",
+    "format_memory_estimate",
+    "print_memory_estimate",
 ]

@@ -146,6 +146,8 @@ def init_distributed(
     *,
     local_device_ids: Sequence[int] | None = None,
     auto_detect: bool = False,
+    coordinator_bind_address: str | None = None,
+    initialization_timeout: int | None = None,
     env: Mapping[str, str] | None = None,
 ) -> bool:
     """Start JAX's multi-process runtime when running on several hosts; else no-op.
@@ -170,6 +172,11 @@ def init_distributed(
       local_device_ids: devices this process drives (default: all visible).
       auto_detect: call ``jax.distributed.initialize()`` even if no launcher was
         recognised from the environment.
+      coordinator_bind_address: ``host:port`` the coordinator service of process 0
+        listens on (JAX's default: every interface, ``[::]:port``); e.g.
+        ``"127.0.0.1:port"`` to keep a single-machine run on loopback.
+      initialization_timeout: seconds to wait for all processes to connect (JAX's
+        default: 300).
       env: environment to read (default ``os.environ``); for tests.
 
     Returns:
@@ -200,10 +207,16 @@ def init_distributed(
         coordinator_address, num_processes, process_id,
         "explicit" if explicit else (cluster or "auto-detect"),
     )
+    extra = {}
+    if coordinator_bind_address is not None:
+        extra["coordinator_bind_address"] = coordinator_bind_address
+    if initialization_timeout is not None:
+        extra["initialization_timeout"] = int(initialization_timeout)
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,
         process_id=process_id,
         local_device_ids=None if local_device_ids is None else list(local_device_ids),
+        **extra,
     )
     return True

@@ -339,8 +339,10 @@ class TrainStep:
 
         Args:
           state: from :meth:`init` or a previous call (donated when ``donate=True``).
-          batch: pytree of global ``[B, ...]`` arrays (see
-            :func:`~jaxrl_llm.parallel.sharding.shard_batch` for multi-host).
+          batch: pytree of ``[B, ...]`` arrays: the global batch, or on several
+            processes either global ``jax.Array``s from
+            :func:`~jaxrl_llm.parallel.sharding.shard_batch` or this process's rows
+            (placed with ``shard_batch`` here).
 
         Returns:
           ``(new_state, metrics)``; metrics (replicated scalars) are the ``loss_fn``
@@ -351,15 +353,17 @@ class TrainStep:
           ValueError: the batch size is not divisible by ``num_microbatches`` × the
             number of batch shards.
         """
-        fn, _ = self._compiled("step", batch)
+        # place first: on several processes ``batch`` holds this process's rows only and the
+        # size checks in ``_compiled`` must see the global batch
         batch = shard_batch(batch, self.mesh, self.rules, num_microbatches=self.num_microbatches)
+        fn, _ = self._compiled("step", batch)
         with sharding_context(self.mesh, self.rules):
             return fn(state, batch)
 
     def grads(self, state: TrainState, batch: Any) -> GradResult:
         """The normalised gradients of ``batch`` at ``state`` without updating (same sharding)."""
-        fn, _ = self._compiled("grads", batch)
         batch = shard_batch(batch, self.mesh, self.rules, num_microbatches=self.num_microbatches)
+        fn, _ = self._compiled("grads", batch)
         with sharding_context(self.mesh, self.rules):
             return fn(state.params, state.rest, batch)
 

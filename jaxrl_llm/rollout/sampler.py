@@ -125,6 +125,7 @@ def generate(
     rng: jax.Array,
     return_raw_logprobs: bool = False,
     prompt_bucket: int = 32,
+    mesh: Any = None,
 ) -> Rollout:
     """Samples ``num_samples`` responses per prompt.
 
@@ -146,6 +147,9 @@ def generate(
       rng: PRNG key.
       return_raw_logprobs: also return temperature-1 unfiltered policy log-probs.
       prompt_bucket: pad P up to a multiple of this (0: no bucketing).
+      mesh: a ``parallel.make_mesh`` mesh: prompts, the KV cache and every output row are
+        split over its batch axes (data × fsdp), so each device decodes its own rows
+        (place the params with ``parallel.shard_model`` first). None: no constraint.
 
     Returns:
       Rollout with N = B·G rows in group layout.
@@ -159,13 +163,22 @@ def generate(
         extra = padded - plen
         prompts = np.pad(prompts, ((0, 0), (0, extra)), constant_values=pad_token_id)
         prompt_mask = np.pad(prompt_mask, ((0, 0), (0, extra)))
+    rows = None
+    prompts, prompt_mask = jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_mask, jnp.int32)
+    if mesh is not None:
+        from jaxrl_llm.parallel.sharding import batch_sharding, check_batch_size
+
+        check_batch_size(batch, mesh, name="prompts")
+        rows = batch_sharding(mesh)
+        prompts, prompt_mask = jax.device_put(prompts, rows), jax.device_put(prompt_mask, rows)
     graphdef, state = nnx.split(model)
     return _generate_jit(
         graphdef,
         state,
-        jnp.asarray(prompts, jnp.int32),
-        jnp.asarray(prompt_mask, jnp.int32),
+        prompts,
+        prompt_mask,
         rng,
+        rows=rows,
         max_new_tokens=max_new_tokens,
         num_samples=num_samples,
         temperature=float(temperature),
@@ -191,6 +204,7 @@ def generate(
         "stop_token_ids",
         "pad_token_id",
         "return_raw_logprobs",
+        "rows",
     ),
 )
 def _generate_jit(
@@ -209,8 +223,18 @@ def _generate_jit(
     stop_token_ids,
     pad_token_id,
     return_raw_logprobs,
+    rows=None,
 ):
     model = nnx.merge(graphdef, state)
+
+    def split_rows(x, axis=0):
+        """Keeps axis ``axis`` (rows) split over the mesh's batch axes when a mesh is set."""
+        if rows is None or x is None:
+            return x
+        spec = [None] * x.ndim
+        spec[axis] = rows.spec[0]
+        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(rows.mesh, jax.sharding.PartitionSpec(*spec)))
+
     batch, plen = prompts.shape
     n = batch * num_samples
     total = plen + max_new_tokens
@@ -226,7 +250,9 @@ def _generate_jit(
 
     # broadcast the prompt's cache and next-token logits to its G samples
     cache = out.cache.repeat(num_samples) if num_samples > 1 else out.cache
-    first_logits = jnp.repeat(first_logits, num_samples, axis=0)
+    cache = cache.replace(k=split_rows(cache.k, 1), v=split_rows(cache.v, 1), valid=split_rows(cache.valid),
+                          positions=split_rows(cache.positions), next_position=split_rows(cache.next_position))
+    first_logits = split_rows(jnp.repeat(first_logits, num_samples, axis=0))
     routing = None
     if out.routing is not None:
         m, _, _, k = out.routing.shape
@@ -267,10 +293,10 @@ def _generate_jit(
         jnp.zeros((), jnp.int32),
         cache,
         first_logits,
-        jnp.full((n, max_new_tokens), pad_token_id, jnp.int32),
-        jnp.zeros((n, max_new_tokens), jnp.float32),
-        jnp.zeros((n,), jnp.bool_),
-        jnp.zeros((n, max_new_tokens), jnp.float32) if return_raw_logprobs else None,
+        split_rows(jnp.full((n, max_new_tokens), pad_token_id, jnp.int32)),
+        split_rows(jnp.zeros((n, max_new_tokens), jnp.float32)),
+        split_rows(jnp.zeros((n,), jnp.bool_)),
+        split_rows(jnp.zeros((n, max_new_tokens), jnp.float32)) if return_raw_logprobs else None,
         routing,
         rng,
     )

@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from flax import nnx
+
 from jaxrl_llm.train.checkpoint import Checkpointer
 from jaxrl_llm.train.config import save_config
 from jaxrl_llm.train.guard import NonFiniteGuard
@@ -44,6 +46,8 @@ class RunConfig:
       tensorboard: also write TensorBoard scalars.
       progress: show a progress bar.
       max_consecutive_nonfinite: stop with an error after this many skipped updates in a row.
+      export_hf: at the end, write the trained model to output_dir/export as a Hugging Face
+        checkpoint (safetensors + config.json) that transformers / vLLM load.
     """
 
     output_dir: str = "runs/run"
@@ -55,6 +59,7 @@ class RunConfig:
     tensorboard: bool = False
     progress: bool = True
     max_consecutive_nonfinite: int = 5
+    export_hf: bool = True
 
     def __post_init__(self):
         if self.total_steps < 1:
@@ -155,6 +160,10 @@ class TrainLoop:
         if self.run.total_steps not in self.checkpointer.all_steps():
             self.save(self.run.total_steps, state)
         self.checkpointer.close()
+        if self.run.export_hf and isinstance(model, nnx.Module) and hasattr(model, "config"):
+            from jaxrl_llm.models.hf_io import save_hf
+
+            save_hf(model, self.output_dir / "export")
         if self._logger is not None:
             self._logger.close()
         return TrainResult(model=model if model is not None else state, history=self.history, output_dir=self.output_dir)

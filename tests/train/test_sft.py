@@ -47,3 +47,19 @@ def test_sft_loss_falls_and_only_responses_count(tmp_path):
     batch = batch_arrays(next(SFTLoader(_examples(4), tok, 4, max_len=16, shuffle=False)))
     expected = sum(len(e["response"]) + 1 for e in _examples(4))
     assert float(jnp.sum(batch["loss_mask"])) == expected
+
+
+def test_final_export_loads_in_transformers(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok = CharTokenizer()
+    model = CausalLM(tiny_config("llama", **TINY), rngs=nnx.Rngs(0))
+    config = SFTConfig(run=RunConfig(output_dir=str(tmp_path), total_steps=2, progress=False), batch_size=4, max_len=16)
+    result = train(config, policy=model, tokenizer=tok, examples=_examples(8))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    tokens = np.array([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        theirs = hf(torch.tensor(tokens)).logits.numpy()
+    ours = np.asarray(result.model(jnp.asarray(tokens))[0])
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
