@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,10 @@ from jaxrl_llm.train.checkpoint import Checkpointer
 from jaxrl_llm.train.config import save_config
 from jaxrl_llm.train.guard import NonFiniteGuard
 from jaxrl_llm.train.metrics import MetricsLogger, read_metrics
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised after SIGTERM / SIGINT once the current step is checkpointed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +105,8 @@ class TrainLoop:
         self.meta: dict = {}
         self._desc = desc
         self._logger: MetricsLogger | None = None
+        self._stop_signal: int | None = None
+        self._previous_handlers: dict = {}
 
     @property
     def metrics_path(self) -> Path:
@@ -127,7 +135,25 @@ class TrainLoop:
             progress=self.run.progress,
             desc=self._desc,
         )
+        self._install_signal_handlers()
         return state, start
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM / SIGINT (pre-emption, Ctrl-C) finish the current step, write a
+        checkpoint, then stop with ``TrainingInterrupted`` — no completed step is lost."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+
+        def request_stop(signum, frame):
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous_handlers[sig] = signal.signal(sig, request_stop)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers = {}
 
     def _rewrite_metrics(self, rows: list[dict]) -> None:
         tmp = self.metrics_path.with_suffix(".tmp")
@@ -148,6 +174,15 @@ class TrainLoop:
             self.meta.update(meta)
         done = step + 1
         every = self.run.checkpoint_every
+        if self._stop_signal is not None and done < self.run.total_steps:
+            self.save(done, state)
+            self.checkpointer.close()
+            self._logger.close()
+            self._restore_signal_handlers()
+            raise TrainingInterrupted(
+                f"stopped by signal {signal.Signals(self._stop_signal).name} after step {step}; "
+                f"checkpoint {done} written to {self.checkpointer.directory} (resume with run.resume=true)"
+            )
         if every and done % every == 0 and done < self.run.total_steps:
             self.save(done, state)
         return row
@@ -160,6 +195,7 @@ class TrainLoop:
         if self.run.total_steps not in self.checkpointer.all_steps():
             self.save(self.run.total_steps, state)
         self.checkpointer.close()
+        self._restore_signal_handlers()
         if self.run.export_hf and isinstance(model, nnx.Module) and hasattr(model, "config"):
             from jaxrl_llm.models.hf_io import save_hf
 

@@ -2,6 +2,7 @@
 and exact resume after an interruption."""
 
 import dataclasses
+import time
 
 import chex
 import jax
@@ -120,7 +121,7 @@ class Interrupt(Exception):
     pass
 
 
-def toy_train(config: ToyConfig, interrupt_at: int | None = None, nan_steps=()):
+def toy_train(config: ToyConfig, interrupt_at: int | None = None, nan_steps=(), step_delay: float = 0.0):
     """Noisy linear regression using every piece a real trainer uses: RNG stream, data
     order, AdamW with a schedule, the guard, checkpoints."""
     true_w = jnp.arange(4.0)
@@ -151,6 +152,7 @@ def toy_train(config: ToyConfig, interrupt_at: int | None = None, nan_steps=()):
             raise Interrupt
         poison = jnp.nan if step in nan_steps else 1.0
         state, metrics, finite = update(state, poison)
+        time.sleep(step_delay)  # lets the reliability tests signal a run mid-way
         loop.end_step(step, state, metrics, finite=bool(finite), meta={"data_position": (step + 1) * config.batch_size})
     return loop.finish(state)
 
