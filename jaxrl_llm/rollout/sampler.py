@@ -77,6 +77,16 @@ class Rollout:
         mask = jnp.concatenate([prompt_mask, self.mask], axis=1)
         return tokens, mask
 
+    def full_routing(self) -> jax.Array | None:
+        """``routing`` in the layout of ``full_tokens`` ([M, N, P + T, k], prompt positions
+        left-aligned the same way), for routing replay in the training forward."""
+        if self.routing is None:
+            return None
+        p = self.prompt_tokens.shape[1]
+        order = _left_align_order(self.prompt_mask)[None, :, :, None]
+        prompt_part = jnp.take_along_axis(self.routing[:, :, :p], order, axis=2)
+        return jnp.concatenate([prompt_part, self.routing[:, :, p:]], axis=2)
+
 
 def left_align(tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Moves every row's padding to the left, keeping the order of real tokens.
@@ -88,8 +98,13 @@ def left_align(tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array
     Returns:
       ([B, P] tokens, [B, P] mask) with real tokens right-aligned.
     """
-    order = jnp.argsort(jnp.asarray(mask) > 0, axis=1, stable=True)  # pads first, stable
+    order = _left_align_order(mask)
     return jnp.take_along_axis(tokens, order, axis=1), jnp.take_along_axis(mask, order, axis=1)
+
+
+def _left_align_order(mask: jax.Array) -> jax.Array:
+    """[B, P] column order that puts padding first, keeping real tokens in order."""
+    return jnp.argsort(jnp.asarray(mask) > 0, axis=1, stable=True)
 
 
 def _validate(prompts, prompt_mask, max_new_tokens, num_samples, temperature, top_k, top_p, min_p):

@@ -473,7 +473,7 @@ def train(
         rollout = batch.rollout
         tokens, full_mask = rollout.full_tokens()
         mask = (np.asarray(rollout.mask) * batch.valid[:, None]).astype(np.float32)
-        routing = rollout.routing
+        routing = rollout.full_routing()  # aligned with full_tokens' left-aligned prompts
 
         # old / reference log-probs
         t1 = time.perf_counter()

@@ -216,28 +216,34 @@ def test_dynamic_sampling_stops_at_cap_when_every_group_is_degenerate(tmp_path, 
 
 def test_routing_replay_reproduces_rollout_logprobs():
     model = CausalLM(tiny_config("qwen3_moe", **TINY), rngs=nnx.Rngs(3))
-    prompts = np.array([[10, 11, 12, 13], [14, 15, 16, 17]])
-    rollout = generate(model, prompts, np.ones_like(prompts), max_new_tokens=6, num_samples=2,
+    prompts = np.array([[10, 11, 12, 13], [14, 15, 0, 0]])  # right-padded, ragged
+    rollout = generate(model, prompts, (prompts > 0).astype(np.int32), max_new_tokens=6, num_samples=2,
                        rng=jax.random.PRNGKey(0), return_raw_logprobs=True, prompt_bucket=0)
     assert rollout.routing is not None and rollout.routing.shape[1:3] == (4, 10)
     tokens, full_mask = rollout.full_tokens()
+    recorded = rollout.full_routing()
     split = split_model(model)
     config = GRPOConfig(max_new_tokens=6)
     replay = _make_logprob_fn(split, _Static(4, config, False, False, replay=True, train_router=True))
-    logp, used = replay(split.params, tokens, full_mask, rollout.routing)
+    logp, used = replay(split.params, tokens, full_mask, recorded)
     m = np.asarray(rollout.mask)
     np.testing.assert_allclose(np.asarray(logp) * m, np.asarray(rollout.raw_logprobs) * m, atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(used), np.asarray(rollout.routing))
+    np.testing.assert_array_equal(np.asarray(used), np.asarray(recorded))
+    # at identical params the natural routing of the training forward equals the record on
+    # every real token (prompt positions included: the record is aligned like the tokens)
+    same_params = _make_logprob_fn(split, _Static(4, config, False, False, replay=False, train_router=True))
+    _, natural = same_params(split.params, tokens, full_mask, None)
+    valid = np.asarray(full_mask)[None, :, :, None] > 0
+    np.testing.assert_array_equal(np.sort(np.asarray(natural), -1) * valid, np.sort(np.asarray(recorded), -1) * valid)
     # perturb the router: natural routing changes for some tokens, replay keeps the recorded one
     noisy = jax.tree_util.tree_map_with_path(
         lambda path, x: x + 0.5 * jax.random.normal(jax.random.PRNGKey(1), x.shape) if "router" in jax.tree_util.keystr(path) else x,
         split.params)
     free = _make_logprob_fn(split, _Static(4, config, False, False, replay=False, train_router=True))
     _, natural = free(noisy, tokens, full_mask, None)
-    _, replayed = replay(noisy, tokens, full_mask, rollout.routing)
-    fm = np.asarray(full_mask)[None, :, :, None]
-    assert np.any((np.asarray(natural) != np.asarray(rollout.routing)) & (fm > 0))
-    np.testing.assert_array_equal(np.asarray(replayed), np.asarray(rollout.routing))
+    _, replayed = replay(noisy, tokens, full_mask, recorded)
+    assert np.any((np.asarray(natural) != np.asarray(recorded)) & valid)
+    np.testing.assert_array_equal(np.asarray(replayed), np.asarray(recorded))
 
 
 @pytest.mark.parametrize("replay", [True, False])

@@ -1,0 +1,104 @@
+"""Clip-higher (DAPO): a larger upper clip ε_high slows entropy collapse.
+
+With a symmetric PPO clip (ε_low = ε_high = 0.2) a token with positive advantage can
+raise its probability ratio only to 1.2 per batch: low-probability ("exploration")
+tokens are capped far below what high-probability ones can gain, and the policy's
+entropy collapses. DAPO decouples the bounds, ε_high = 0.28. Same GRPO setup (no KL,
+token_mean) and warm start, several inner updates per batch (μ = 4) so that clipping is
+actually active; the only change is clip_high.
+
+Run:  python experiments/clip_higher_entropy.py [--quick]
+Writes results/clip_higher_entropy/{metrics.jsonl, summary.json, clip_higher_entropy.png}.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np
+import reasoning_common as rc
+from common import ExperimentWriter, experiment_args
+
+ARMS = {"symmetric 0.2/0.2": 0.2, "clip-higher 0.2/0.28": 0.28}
+SHARED = dict(kl_coef=0.0, loss_agg="token_mean", num_inner_updates=4, clip_low=0.2)
+
+
+def main() -> None:
+    parser = experiment_args(__doc__.splitlines()[0])
+    parser.add_argument("--inner-updates", type=int, default=SHARED["num_inner_updates"], help="μ per batch")
+    parser.add_argument("--learning-rate", type=float, default=rc.LEARNING_RATE)
+    parser.add_argument("--steps", type=int, default=None, help="RL steps (default 40, --quick 8)")
+    args = parser.parse_args()
+    rc.enable_compile_cache()
+    steps, seeds = (8, [args.seed]) if args.quick else (40, [args.seed + i for i in range(3)])
+    steps = args.steps or steps
+    shared = {**SHARED, "num_inner_updates": args.inner_updates, "optim": rc.OptimConfig(learning_rate=args.learning_rate)}
+    writer = ExperimentWriter(args.out, "clip_higher_entropy")
+    train_records, held_out = rc.make_task()
+    t_start = time.perf_counter()
+
+    runs: dict[str, list[list[dict]]] = {a: [] for a in ARMS}
+    finals: dict[str, list[dict]] = {a: [] for a in ARMS}
+    for seed in seeds:
+        for arm, clip_high in ARMS.items():
+            config = rc.base_config("grpo", steps=steps, seed=seed, clip_high=clip_high,
+                                    out_dir=str(writer.dir / "runs" / f"ch{clip_high}_s{seed}"), **shared)
+            res = rc.run_rl(config, rc.warm_start(seed, sft_steps=rc.SFT_STEPS), train_records, held_out)
+            for row in res["rows"]:
+                writer.log(arm=arm, seed=seed, **{k: row[k] for k in rc.LOG_KEYS if k in row})
+            runs[arm].append(res["rows"])
+            finals[arm].append(res["eval"])
+            print(f"seed {seed} {arm}: held-out greedy {res['eval']['greedy_accuracy']:.3f}, "
+                  f"mean entropy {np.mean([r['entropy'] for r in res['rows']]):.3f} ({res['seconds']:.0f} s)")
+
+    def stat(arm, key):
+        return np.array([[r[key] for r in run] for run in runs[arm]], np.float64)  # [seeds, steps]
+
+    plt = rc.pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    x = np.arange(steps)
+    for i, arm in enumerate(ARMS):
+        for ax, key in zip(axes, ("entropy", "sampled_accuracy", "clipfrac")):
+            y = stat(arm, key)
+            ax.plot(x, rc.smooth(y.mean(0)), color=f"C{i}", label=arm)
+            if len(y) > 1:
+                ax.fill_between(x, rc.smooth(y.min(0)), rc.smooth(y.max(0)), color=f"C{i}", alpha=0.12)
+    axes[0].set(xlabel="RL step", ylabel="mean token entropy", title="policy entropy (band: min–max over seeds)")
+    axes[1].set(xlabel="RL step", ylabel="sampled accuracy", title="accuracy")
+    axes[2].set(xlabel="RL step", ylabel="clip fraction", title="fraction of clipped tokens")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(writer.plot_path("clip_higher_entropy.png"), dpi=110)
+
+    sym, high = ARMS
+    per_seed_gap = (stat(high, "entropy").mean(1) - stat(sym, "entropy").mean(1)).tolist()
+    summary = {"steps": steps, "seeds": seeds, "num_inner_updates": args.inner_updates,
+               "learning_rate": args.learning_rate, "arms": {}, "entropy_gap_per_seed": per_seed_gap}
+    for arm in ARMS:
+        e = stat(arm, "entropy")
+        summary["arms"][arm] = {
+            "entropy_mean": float(e.mean()),
+            "entropy_first5": float(e[:, :5].mean()),
+            "entropy_last5": float(e[:, -5:].mean()),
+            "clipfrac_mean": float(stat(arm, "clipfrac").mean()),
+            "sampled_accuracy_last5": float(stat(arm, "sampled_accuracy")[:, -5:].mean()),
+            "held_out_greedy": rc.mean_std([f["greedy_accuracy"] for f in finals[arm]]),
+            "held_out_sampled": rc.mean_std([f["sampled_accuracy"] for f in finals[arm]]),
+        }
+    summary["entropy_gap_mean"] = float(np.mean(per_seed_gap))
+    summary["seconds"] = time.perf_counter() - t_start
+    path = writer.summary(summary)
+    for arm, s in summary["arms"].items():
+        print(f"{arm}: entropy mean {s['entropy_mean']:.3f} (first5 {s['entropy_first5']:.3f} → last5 {s['entropy_last5']:.3f}), "
+              f"clipfrac {s['clipfrac_mean']:.3f}, held-out greedy {s['held_out_greedy'][0]:.3f}")
+    print(f"wrote {path} and {writer.plot_path('clip_higher_entropy.png')}")
+
+
+if __name__ == "__main__":
+    main()
