@@ -123,7 +123,7 @@ class ScalarHeadModel(nnx.Module):
             preferred_element_type=jnp.float32,
         )[..., 0]
         scores = pool_values(values, attention_mask, self.pool)
-        return ScalarHeadOutput(scores=scores, values=values, routing=out_routing, aux_loss=aux)
+        return ScalarHeadOutput(scores=scores, values=values, routing=out_routing, aux_loss=aux["load_balance"])
 
     def __call__(
         self,

@@ -70,6 +70,29 @@ def route(
     return gates, indices.astype(jnp.int32), probs
 
 
+def router_z_loss(router_logits: Array, mask: Array | None = None) -> Array:
+    """Router z-loss of ST-MoE: mean over tokens of logsumexp(router logits)².
+
+    Penalises large router logits, which keeps the softmax (and so the top-k choice) from
+    becoming brittle — one of the known remedies for MoE RL instability.
+
+    References:
+      Zoph et al. 2022, ST-MoE, https://arxiv.org/abs/2202.08906 (eq. 5)
+
+    Args:
+      router_logits: [B, T, E] float router scores.
+      mask: optional [B, T] 1 on real tokens.
+
+    Returns:
+      [] float32.
+    """
+    z = jnp.square(jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1))
+    if mask is None:
+        return jnp.mean(z)
+    m = mask.astype(jnp.float32)
+    return jnp.sum(z * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
 def load_balancing_loss(probs: Array, indices: Array, mask: Array | None = None) -> Array:
     """Switch/mixtral load-balancing loss of one MoE layer.
 
@@ -190,7 +213,8 @@ class MoEMLP(nnx.Module):
           mask: optional [B, T] token mask for the load-balancing loss.
 
         Returns:
-          (y [B, T, D] in the compute dtype, indices [B, T, k] int32, aux loss scalar).
+          (y [B, T, D] in the compute dtype, indices [B, T, k] int32, aux [2] float32 =
+          (load-balancing loss, router z-loss)).
         """
         chex.assert_rank(x, 3)
         x = x.astype(self.dtype)
@@ -210,5 +234,5 @@ class MoEMLP(nnx.Module):
             self.up_proj[...].astype(self.dtype),
             self.down_proj[...].astype(self.dtype),
         ).reshape(b, t, d)
-        aux = load_balancing_loss(probs, indices, mask)
+        aux = jnp.stack([load_balancing_loss(probs, indices, mask), router_z_loss(router_logits, mask)])
         return y, indices, aux

@@ -195,6 +195,7 @@ class CausalLMOutput:
       cache: the advanced KVCache, or None.
       routing: [M, B, T, k] int32 chosen experts per MoE layer, or None (dense model).
       aux_loss: [] float32 load-balancing loss averaged over MoE layers (0 if dense).
+      router_z_loss: [] float32 router z-loss averaged over MoE layers (0 if dense).
     """
 
     logits: Array | None
@@ -202,6 +203,7 @@ class CausalLMOutput:
     cache: KVCache | None
     routing: Array | None
     aux_loss: Array
+    router_z_loss: Array | None = None
 
 
 # ----------------------------------------------------------------------------------------
@@ -353,14 +355,15 @@ class Block(nnx.Module):
             )
 
     def __call__(self, x, positions, mask, kv, index, routing, token_mask):
-        """Returns (x [B, T, D], kv cache or None, indices [B, T, k] or None, aux scalar)."""
+        """Returns (x [B, T, D], kv cache or None, indices [B, T, k] or None, aux [2] =
+        (load-balancing loss, router z-loss), zeros for a dense block)."""
         h, kv = self.attn(self.input_norm(x), positions, mask, kv, index, self.layer)
         x = x + h
         h = self.post_attn_norm(x)
         if self.is_moe:
             h, indices, aux = self.mlp(h, routing=routing, mask=token_mask)
         else:
-            h, indices, aux = self.mlp(h), None, jnp.zeros((), jnp.float32)
+            h, indices, aux = self.mlp(h), None, jnp.zeros((2,), jnp.float32)
         return x + h, kv, indices, aux
 
 
@@ -416,7 +419,8 @@ class Transformer(nnx.Module):
         routing: Array | None = None,
         segment_ids: Array | None = None,
     ):
-        """Returns (hidden [B, T, D], cache, routing [M, B, T, k] or None, aux_loss []).
+        """Returns (hidden [B, T, D], cache, routing [M, B, T, k] or None, aux) where aux is
+        {"load_balance": [], "router_z": []} averaged over MoE layers (0 for dense models).
 
         ``segment_ids`` [B, T] (packed rows, no cache): a token attends only to earlier
         tokens of the same segment, so packed examples never see each other.
@@ -470,7 +474,7 @@ class Transformer(nnx.Module):
                 masks[window] = masks[window] & (same | jnp.eye(t, dtype=bool)[None])
 
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
-        all_indices, aux_total = [], jnp.zeros((), jnp.float32)
+        all_indices, aux_total = [], jnp.zeros((2,), jnp.float32)
         kv = None if cache is None else (cache.k, cache.v)
         moe_i = 0
         for block in self.layers:
@@ -489,8 +493,8 @@ class Transformer(nnx.Module):
         if cache is not None:
             new_cache = new_cache.replace(k=kv[0], v=kv[1])
         out_routing = jnp.stack(all_indices) if all_indices else None
-        aux_loss = aux_total / max(moe_i, 1)
-        return hidden, new_cache, out_routing, aux_loss
+        aux = aux_total / max(moe_i, 1)
+        return hidden, new_cache, out_routing, {"load_balance": aux[0], "router_z": aux[1]}
 
 
 def _check_cache_room(cache: KVCache, t: int) -> None:
@@ -611,7 +615,8 @@ class CausalLM(nnx.Module):
                 preferred_element_type=jnp.float32,
             )
         return CausalLMOutput(
-            logits=logits, hidden=hidden, cache=cache, routing=out_routing, aux_loss=aux
+            logits=logits, hidden=hidden, cache=cache, routing=out_routing,
+            aux_loss=aux["load_balance"], router_z_loss=aux["router_z"],
         )
 
     def __call__(

@@ -77,6 +77,7 @@ class GRPOConfig:
       freeze_router: MoE — router weights get no update (experts still train).
       router_update_every: MoE two-stage updates — router trained only every k-th step.
       moe_aux_coef: weight of the MoE load-balancing loss.
+      router_z_coef: MoE router regulariser — weight of the ST-MoE router z-loss.
       tis_cap: truncated importance-sampling cap C for rollout/trainer mismatch (None: off).
       reward_default: score for samples the reward function could not score (None: the
         sample is excluded from the loss).
@@ -113,6 +114,7 @@ class GRPOConfig:
     freeze_router: bool = False
     router_update_every: int = 1
     moe_aux_coef: float = 0.0
+    router_z_coef: float = 0.0
     tis_cap: float | None = None
     reward_default: float | None = None
     logprob_chunk_size: int = 1024
@@ -286,7 +288,10 @@ def _policy_loss(params, batch, split, static: _Static):
         loss = loss - config.entropy_coef * ops.aggregate_loss(entropy, mask, config.loss_agg, norm_length)
     if config.moe_aux_coef:
         loss = loss + config.moe_aux_coef * out.aux_loss
+    if config.router_z_coef:
+        loss = loss + config.router_z_coef * out.router_z_loss
     metrics.update(
+        router_z_loss=out.router_z_loss,
         entropy=jax.lax.stop_gradient(entropy_mean),
         moe_aux_loss=out.aux_loss,
         routing_change=routing_change_fraction(batch["routing"], out.routing, batch["full_mask"]),

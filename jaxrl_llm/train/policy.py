@@ -51,12 +51,14 @@ class ResponseLogprobs(NamedTuple):
       entropy: [N, T] float32 entropy of π at each response position.
       routing: [M, N, L, k] int32 expert choices (MoE) or None.
       aux_loss: [] float32 MoE load-balancing loss (0 for dense models).
+      router_z_loss: [] float32 MoE router z-loss (0 for dense models).
     """
 
     logprobs: jax.Array
     entropy: jax.Array
     routing: jax.Array | None
     aux_loss: jax.Array
+    router_z_loss: jax.Array
 
 
 def response_logprobs(
@@ -86,7 +88,8 @@ def response_logprobs(
     hidden = out.hidden[:, prompt_len - 1 : -1]
     targets = tokens[:, prompt_len:]
     logp, entropy = logprobs_from_hidden(hidden, model.unembed, targets, chunk_size=chunk_size)
-    return ResponseLogprobs(logp, entropy, out.routing, jnp.asarray(out.aux_loss, jnp.float32))
+    z = jnp.zeros((), jnp.float32) if out.router_z_loss is None else jnp.asarray(out.router_z_loss, jnp.float32)
+    return ResponseLogprobs(logp, entropy, out.routing, jnp.asarray(out.aux_loss, jnp.float32), z)
 
 
 def routing_change_fraction(recorded: jax.Array | None, current: jax.Array | None, mask: jax.Array) -> jax.Array:

@@ -177,3 +177,24 @@ def test_ragged_impl_model_matches_dense():
     chex.assert_trees_all_close(a.logits, b.logits, atol=1e-4)
     with pytest.raises(ValueError, match="moe impl"):
         CausalLM(dense.config, rngs=nnx.Rngs(0), moe_impl="loop")
+
+
+def test_router_z_loss_matches_numpy_and_is_reported_per_model():
+    from jaxrl_llm.models.moe import router_z_loss
+
+    rng = np.random.default_rng(11)
+    logits = rng.normal(size=(2, 5, 4)).astype(np.float32) * 3
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.float32)
+    want = []
+    for b in range(2):
+        for t in range(5):
+            if mask[b, t]:
+                want.append(np.log(np.sum(np.exp(logits[b, t].astype(np.float64)))) ** 2)
+    np.testing.assert_allclose(router_z_loss(jnp.asarray(logits), jnp.asarray(mask)), np.mean(want), rtol=1e-5)
+    model = small_model("qwen3_moe", 0)
+    tokens, tmask, _ = padded_batch(np.random.default_rng(3), (12, 7, 3), 12, "right", vocab=V)
+    out = model.forward(jnp.asarray(tokens), attention_mask=jnp.asarray(tmask))
+    assert out.router_z_loss.shape == () and float(out.router_z_loss) > 0.0
+    grads = jax.grad(lambda m: m.forward(jnp.asarray(tokens), attention_mask=jnp.asarray(tmask)).router_z_loss)(model)
+    router_grad = grads.model.layers[0].mlp.router[...]
+    assert float(jnp.abs(router_grad).sum()) > 0.0  # the z-loss trains the router

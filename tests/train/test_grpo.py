@@ -250,10 +250,12 @@ def test_routing_replay_reproduces_rollout_logprobs():
 def test_moe_training_reports_routing_change(tmp_path, char_setup, replay):
     tok, data = char_setup
     model = CausalLM(tiny_config("qwen3_moe", **TINY), rngs=nnx.Rngs(0))
-    config = _run_config(tmp_path, "grpo", num_inner_updates=3, routing_replay=replay, optim=OptimConfig(learning_rate=3e-2))
+    config = _run_config(tmp_path, "grpo", num_inner_updates=3, routing_replay=replay, router_z_coef=1e-3,
+                         optim=OptimConfig(learning_rate=3e-2))
     reward = lambda p, c, **k: [float(len(x) % 2) for x in c]
     result = train(config, policy=model, tokenizer=tok, prompts=data, reward_fn=reward)
     changes = [row["routing_change"] for row in result.history]
+    assert all(row["router_z_loss"] > 0 for row in result.history)  # the router regulariser is on
     if replay:
         assert all(c == 0.0 for c in changes)
     else:
