@@ -35,6 +35,7 @@ from jaxrl_llm.data.tokenization import decode_ids, eos_id, pad_id
 from jaxrl_llm.rewards.combine import safe_reward_fn
 from jaxrl_llm.rollout.sampler import Rollout, generate
 from jaxrl_llm.train.guard import apply_if_finite
+from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
 from jaxrl_llm.train.policy import as_model, response_logprobs, routing_change_fraction, split_model
@@ -82,6 +83,8 @@ class GRPOConfig:
       reward_default: score for samples the reward function could not score (None: the
         sample is excluded from the loss).
       logprob_chunk_size: tokens per chunk of ``logprobs_from_hidden``.
+      lora: train low-rank adapters of the policy instead of all weights (rank 0: off);
+        the reference is then the frozen base model.
     """
 
     run: RunConfig = RunConfig(output_dir="runs/grpo")
@@ -118,6 +121,7 @@ class GRPOConfig:
     tis_cap: float | None = None
     reward_default: float | None = None
     logprob_chunk_size: int = 1024
+    lora: LoRAConfig = LoRAConfig()
 
     def __post_init__(self):
         positive = ("prompts_per_step", "max_prompt_len", "max_new_tokens", "num_inner_updates",
@@ -309,8 +313,14 @@ def _zero_router_grads(grads):
 
 
 def _make_update(split, tx, static: _Static):
-    def update(params, opt_state, batch, train_router):
-        (loss, metrics), grads = jax.value_and_grad(_policy_loss, has_aux=True)(params, batch, split, static)
+    lora = static.config.lora
+
+    def update(params, opt_state, batch, train_router, frozen=None):
+        def loss_fn(p):
+            full = apply_lora(frozen, p, lora) if lora.enabled else p
+            return _policy_loss(full, batch, split, static)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         grads = jax.lax.cond(train_router, lambda g: g, _zero_router_grads, grads)
         metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         params, opt_state, finite = apply_if_finite(tx, params, opt_state, grads, loss)
@@ -432,9 +442,13 @@ def train(
     logprob_fn = _make_logprob_fn(split, static)
     ref_logprob_fn = _make_logprob_fn(split, dataclasses.replace(static, replay=False)) if has_ref else None
 
+    # LoRA: the adapters train, the base weights stay frozen (and serve as the reference).
+    frozen = split.params if config.lora.enabled else None
+    trainable = init_lora(split.params, config.lora, jax.random.PRNGKey(config.run.seed + 1)) if frozen else split.params
+    full_params = jax.jit(lambda a, base: apply_lora(base, a, config.lora)) if frozen else (lambda a, base: a)
     state = {
-        "params": split.params,
-        "opt_state": tx.init(split.params),
+        "params": trainable,
+        "opt_state": tx.init(trainable),
         "rng": jax.random.key_data(jax.random.PRNGKey(config.run.seed)),
     }
     loop = TrainLoop(config, config.run, desc="grpo")
@@ -446,7 +460,8 @@ def train(
     for step in range(start, config.run.total_steps):
         t0 = time.perf_counter()
         rng, k_step = jax.random.split(jax.random.wrap_key_data(jnp.asarray(state["rng"])))
-        current = split.merge(state["params"])
+        policy_params = full_params(state["params"], frozen)
+        current = split.merge(policy_params)
 
         # sample (DAPO: until B informative groups or the round cap)
         rounds: list[ScoredBatch] = []
@@ -486,7 +501,7 @@ def train(
         metrics_extra = {}
         old_logp = None
         if has_old or config.tis_cap is not None:
-            old_logp, _ = logprob_fn(state["params"], tokens, full_mask, routing)
+            old_logp, _ = logprob_fn(policy_params, tokens, full_mask, routing)
         if config.tis_cap is not None:
             log_w = np.asarray(old_logp) - np.asarray(rollout.raw_logprobs)
             tis_weight = np.minimum(np.exp(np.clip(log_w, -20, 20)), config.tis_cap).astype(np.float32)
@@ -518,7 +533,7 @@ def train(
             for mb in range(config.minibatches):
                 idx = order[mb * mb_size : (mb + 1) * mb_size]
                 mb_batch = {k: (None if v is None else (v[:, idx] if k == "routing" else v[idx])) for k, v in full_batch.items()}
-                params, opt_state, finite, m = update_fn(params, opt_state, mb_batch, train_router)
+                params, opt_state, finite, m = update_fn(params, opt_state, mb_batch, train_router, frozen)
                 all_finite = all_finite and bool(finite)
                 update_metrics.append(m)
         state = {"params": params, "opt_state": opt_state, "rng": jax.random.key_data(rng)}
@@ -555,4 +570,4 @@ def train(
             metrics["kl"] = mean_update.get("kl_loss", 0.0)
         loop.end_step(step, state, metrics, finite=all_finite, meta={"prompt_loader": loader.state_dict()})
 
-    return loop.finish(state, model=split.merge(state["params"]))
+    return loop.finish(state, model=split.merge(full_params(state["params"], frozen)))

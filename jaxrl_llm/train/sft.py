@@ -18,6 +18,7 @@ from jaxrl_llm import ops
 from jaxrl_llm.data.records import validate_records
 from jaxrl_llm.data.sft import SFTBatch, SFTLoader
 from jaxrl_llm.train.guard import apply_if_finite
+from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
 from jaxrl_llm.train.policy import SplitModel, as_model, split_model
@@ -36,6 +37,7 @@ class SFTConfig:
       loss_agg: ``aggregate_loss`` mode over response tokens.
       add_bos: prepend the tokenizer's bos to every example.
       logprob_chunk_size: tokens per chunk of ``logprobs_from_hidden``.
+      lora: low-rank adapters instead of full fine-tuning (rank 0: off).
     """
 
     run: RunConfig = RunConfig(output_dir="runs/sft")
@@ -47,6 +49,7 @@ class SFTConfig:
     loss_agg: str = "token_mean"
     add_bos: bool = False
     logprob_chunk_size: int = 1024
+    lora: LoRAConfig = LoRAConfig()
 
     def __post_init__(self):
         for name in ("batch_size", "max_len", "logprob_chunk_size"):
@@ -71,13 +74,17 @@ def sft_forward_loss(model: nnx.Module, batch: dict, agg: str, chunk_size: int, 
     return ops.sft_loss(logp, batch["loss_mask"][:, 1:], agg)
 
 
-def make_sft_update(split: SplitModel, tx, loss_agg: str, chunk_size: int, packed: bool = False):
+def make_sft_update(split: SplitModel, tx, loss_agg: str, chunk_size: int, packed: bool = False,
+                    lora: LoRAConfig | None = None):
     """Jitted SFT step (shared by SFT and RFT):
-    (params, opt_state, batch) → (params, opt_state, finite, metrics)."""
+    (params, opt_state, batch[, frozen]) → (params, opt_state, finite, metrics).
 
-    def update(params, opt_state, batch):
+    With ``lora`` enabled, ``params`` are the adapters and ``frozen`` the base params."""
+
+    def update(params, opt_state, batch, frozen=None):
         def loss_fn(p):
-            return sft_forward_loss(split.merge(p), batch, loss_agg, chunk_size, packed)
+            full = p if lora is None or not lora.enabled else apply_lora(frozen, p, lora)
+            return sft_forward_loss(split.merge(full), batch, loss_agg, chunk_size, packed)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         params, opt_state, finite = apply_if_finite(tx, params, opt_state, grads, loss)
@@ -116,8 +123,10 @@ def train(
                        pack=config.pack, bucket=config.bucket, add_bos=config.add_bos)
     split = split_model(model)
     tx = make_optimizer(config.optim, config.run.total_steps)
-    update = make_sft_update(split, tx, config.loss_agg, config.logprob_chunk_size, config.pack)
-    state = {"params": split.params, "opt_state": tx.init(split.params)}
+    update = make_sft_update(split, tx, config.loss_agg, config.logprob_chunk_size, config.pack, config.lora)
+    frozen = split.params if config.lora.enabled else None
+    trainable = init_lora(split.params, config.lora, jax.random.PRNGKey(config.run.seed)) if frozen else split.params
+    state = {"params": trainable, "opt_state": tx.init(trainable)}
     loop = TrainLoop(config, config.run, desc="sft")
     state, start = loop.start(state)
     if "loader" in loop.meta:
@@ -125,10 +134,11 @@ def train(
     for step in range(start, config.run.total_steps):
         t0 = time.perf_counter()
         batch = batch_arrays(next(loader))
-        params, opt_state, finite, metrics = update(state["params"], state["opt_state"], batch)
+        params, opt_state, finite, metrics = update(state["params"], state["opt_state"], batch, frozen)
         state = {"params": params, "opt_state": opt_state}
         tokens = float(np.asarray(batch["loss_mask"]).sum())
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
         loop.end_step(step, state, metrics, finite=bool(finite), meta={"loader": loader.state_dict()})
-    return loop.finish(state, model=split.merge(state["params"]))
+    final = apply_lora(frozen, state["params"], config.lora) if frozen else state["params"]
+    return loop.finish(state, model=split.merge(final))

@@ -25,7 +25,6 @@ CHAT = {"messages": [
 
 def _check_rows(tokenizer, batch, examples_text):
     """Each segment decodes to prompt + response, and its masked part to response + eos."""
-    eos = tokenizer.eos_token
     seen = []
     for b in range(batch.tokens.shape[0]):
         for seg in range(1, batch.segment_ids[b].max() + 1):
