@@ -44,6 +44,7 @@ from jaxrl_llm.data.preferences import (
 from jaxrl_llm.data.records import load_records
 from jaxrl_llm.data.tokenization import pad_id
 from jaxrl_llm.train.guard import apply_if_finite
+from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
 from jaxrl_llm.train.policy import SplitModel, as_model, split_model
@@ -79,6 +80,8 @@ class DPOConfig:
       add_bos: prepend the tokenizer's bos to every prompt.
       moe_aux_coef: weight of the MoE load-balancing loss (MoE policies).
       logprob_chunk_size: tokens per chunk of ``logprobs_from_hidden``.
+      lora: train low-rank adapters instead of all weights (rank 0: off); the default
+        reference is then the frozen base model.
     """
 
     run: RunConfig = RunConfig(output_dir="runs/dpo")
@@ -97,6 +100,7 @@ class DPOConfig:
     add_bos: bool = False
     moe_aux_coef: float = 0.0
     logprob_chunk_size: int = 1024
+    lora: LoRAConfig = LoRAConfig()
 
     def __post_init__(self):
         for name in ("batch_size", "max_len", "logprob_chunk_size"):
@@ -370,7 +374,7 @@ def _make_update(split: SplitModel, tx, config: DPOConfig, ref_split: SplitModel
     """Jitted step. With ``ref_split`` the reference sums are computed inside the step from
     ``ref_params``; otherwise they come in ``batch["ref_sums"]`` (cache or reference-free)."""
 
-    def update(params, opt_state, batch, ref_params):
+    def update(params, opt_state, batch, ref_params, frozen=None):
         if ref_split is not None:
             sums, _, _, _ = sequence_logprobs(ref_split.merge(ref_params), batch, config.logprob_chunk_size)
             ref_sums = jax.lax.stop_gradient(sums)
@@ -378,7 +382,8 @@ def _make_update(split: SplitModel, tx, config: DPOConfig, ref_split: SplitModel
             ref_sums = batch["ref_sums"]
 
         def loss_fn(p):
-            return dpo_forward_loss(split.merge(p), batch, ref_sums, config)
+            full = apply_lora(frozen, p, config.lora) if config.lora.enabled else p
+            return dpo_forward_loss(split.merge(full), batch, ref_sums, config)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         params, opt_state, finite = apply_if_finite(tx, params, opt_state, grads, loss)
@@ -466,7 +471,9 @@ def train(
     batches = _IndexedLoader(loader)
     split = split_model(model)
     tx = make_optimizer(config.optim, config.run.total_steps)
-    state = {"params": split.params, "opt_state": tx.init(split.params)}
+    frozen = split.params if config.lora.enabled else None
+    trainable = init_lora(split.params, config.lora, jax.random.PRNGKey(config.run.seed)) if frozen else split.params
+    state = {"params": trainable, "opt_state": tx.init(trainable)}
     loop = TrainLoop(config, config.run, desc="dpo")
     (loop.output_dir / DATA_STATS).write_text(json.dumps(dataclasses.asdict(data_stats), indent=1))
 
@@ -493,13 +500,14 @@ def train(
                 arrays["ref_sums"] = jnp.asarray(np.concatenate([cache[indices, 0], cache[indices, 1]]))
             else:
                 arrays["ref_sums"] = jnp.zeros((2 * len(indices),), jnp.float32)
-        params, opt_state, finite, metrics = update(state["params"], state["opt_state"], arrays, ref_params)
+        params, opt_state, finite, metrics = update(state["params"], state["opt_state"], arrays, ref_params, frozen)
         state = {"params": params, "opt_state": opt_state}
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["tokens_per_s"] = float(np.asarray(batch.chosen_attention_mask).sum()
                                         + np.asarray(batch.rejected_attention_mask).sum()) / max(time.perf_counter() - t0, 1e-9)
         loop.end_step(step, state, metrics, finite=bool(finite), meta={"loader": batches.state_dict()})
-    return loop.finish(state, model=split.merge(state["params"]))
+    final = apply_lora(frozen, state["params"], config.lora) if frozen else state["params"]
+    return loop.finish(state, model=split.merge(final))
 
 
 def _load_or_compute_cache(reference: nnx.Module, loader: PreferenceLoader, config: DPOConfig,

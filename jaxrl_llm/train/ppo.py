@@ -50,6 +50,7 @@ from jaxrl_llm.models.heads import ScalarHeadModel, ValueModel
 from jaxrl_llm.rewards.combine import safe_reward_fn
 from jaxrl_llm.rollout.sampler import Rollout, apply_stop_strings, generate
 from jaxrl_llm.train.guard import apply_if_finite
+from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
 from jaxrl_llm.train.policy import as_model, response_logprobs, split_model
@@ -103,6 +104,8 @@ class PPOConfig:
       replay_rows: rows drawn from the buffer and added to each update batch (once the
         buffer holds that many).
       logprob_chunk_size: tokens per chunk of ``logprobs_from_hidden``.
+      lora: train low-rank adapters of the policy instead of all its weights (rank 0:
+        off); the default reference is then the frozen base model.
     """
 
     run: RunConfig = RunConfig(output_dir="runs/ppo")
@@ -145,6 +148,7 @@ class PPOConfig:
     replay_capacity: int = 0
     replay_rows: int = 0
     logprob_chunk_size: int = 1024
+    lora: LoRAConfig = LoRAConfig()
 
     def __post_init__(self):
         positive = ("prompts_per_step", "samples_per_prompt", "max_prompt_len", "max_new_tokens",
@@ -347,19 +351,21 @@ class LossOptions:
     loss_agg: str = "token_mean"
     kl_in_reward: bool = True
     kl_kind: str = "k1"
+    lora: LoRAConfig = LoRAConfig()
 
     @classmethod
     def from_config(cls, config: PPOConfig) -> "LossOptions":
         return cls(config.max_prompt_len, config.logprob_chunk_size, config.clip_low, config.clip_high,
                    config.dual_clip, config.value_clip, config.vf_coef, config.entropy_coef, config.loss_agg,
-                   config.kl_in_reward, config.kl_kind)
+                   config.kl_in_reward, config.kl_kind, config.lora)
 
 
 def _forward(params, rests, tokens, full_mask, graphs, opts: LossOptions):
     """(logp [N, T], entropy [N, T], values [N, T]) of the current policy and critic."""
     p, chunk = opts.prompt_len, opts.chunk_size
     policy_graph, critic_graph = graphs
-    policy = nnx.merge(policy_graph, params["policy"], rests[0])
+    policy_params = apply_lora(rests[2], params["policy"], opts.lora) if opts.lora.enabled else params["policy"]
+    policy = nnx.merge(policy_graph, policy_params, rests[0])
     if critic_graph is None:  # shared: value head on the policy's hidden states
         out = policy.forward(tokens, attention_mask=full_mask, return_hidden=True)
         hidden = out.hidden[:, p - 1 : -1]
@@ -597,10 +603,15 @@ def train(
     critic_optim = config.critic_optim or config.optim
     length = max(_schedule_length(config.optim, total_updates), _schedule_length(critic_optim, total_updates))
     tx = _optimizer(config.optim, critic_optim, length)
-    params = {"policy": policy_split.params, "critic": critic_params}
+    # LoRA: the policy's adapters train; its base weights stay frozen (the default reference).
+    frozen = policy_split.params if config.lora.enabled else None
+    policy_trainable = (init_lora(policy_split.params, config.lora, jax.random.PRNGKey(config.run.seed + 1))
+                        if frozen else policy_split.params)
+    full_policy = jax.jit(lambda a, base: apply_lora(base, a, config.lora)) if frozen else (lambda a, base: a)
+    params = {"policy": policy_trainable, "critic": critic_params}
     opts = LossOptions.from_config(config)
     graphs = (policy_split.graphdef, None if critic_split is None else critic_split.graphdef)
-    rests = (policy_split.rest, None if critic_split is None else critic_split.rest)
+    rests = (policy_split.rest, None if critic_split is None else critic_split.rest, frozen)
 
     n_rows, t_len = config.num_rows, config.max_new_tokens
     state = {
@@ -626,7 +637,7 @@ def train(
         # sample
         prompt_batch = next(loader)
         rollout = generate(
-            policy_split.merge(params["policy"]), prompt_batch.tokens, prompt_batch.mask,
+            policy_split.merge(full_policy(params["policy"], frozen)), prompt_batch.tokens, prompt_batch.mask,
             max_new_tokens=t_len, num_samples=config.samples_per_prompt, temperature=config.temperature,
             top_k=config.top_k, top_p=config.top_p, stop_token_ids=stop_ids, pad_token_id=pad, rng=k_step,
             prompt_bucket=0,
@@ -731,7 +742,7 @@ def train(
         }
         loop.end_step(step, state, metrics, finite=all_finite, meta={"prompt_loader": loader.state_dict()})
 
-    result = loop.finish(state, model=policy_split.merge(state["params"]["policy"]))
+    result = loop.finish(state, model=policy_split.merge(full_policy(state["params"]["policy"], frozen)))
     result.critic = (critic_split.merge(state["params"]["critic"]) if critic_split is not None
                      else state["params"]["critic"]["value_head"])
     result.kl_coef = float(state["kl_coef"]) if config.kl_schedule == "adaptive" else config.kl_coef_at(config.run.total_steps - 1)

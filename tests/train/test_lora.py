@@ -69,3 +69,26 @@ def test_sft_and_grpo_train_only_adapters(tmp_path):
     assert all(np.isfinite(r["loss"]) for r in rl.history)
     after = _leaves(nnx.state(rl.model, nnx.Param))
     assert all(np.array_equal(after[n], tuned[n]) for n in tuned if not any(t in n for t in lora.targets))
+
+
+def test_dpo_and_ppo_train_only_adapters(tmp_path):
+    from jaxrl_llm.train import dpo, ppo
+
+    tok = CharTokenizer()
+    lora = LoRAConfig(rank=2, targets=("q_proj", "down_proj"))
+    model = _model()
+    base = _leaves(nnx.state(model, nnx.Param))
+    prefs = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": "x"} for i in range(8)]
+    d = dpo.train(dpo.DPOConfig(run=RunConfig(output_dir=str(tmp_path / "dpo"), total_steps=3, progress=False),
+                                optim=OptimConfig(learning_rate=1e-2), batch_size=4, max_len=16, lora=lora),
+                  policy=model, tokenizer=tok, preferences=prefs)
+    data = make_arithmetic_dataset(16, 0, max_operand=9)
+    p = ppo.train(ppo.PPOConfig(run=RunConfig(output_dir=str(tmp_path / "ppo"), total_steps=2, progress=False),
+                                optim=OptimConfig(learning_rate=1e-2), prompts_per_step=2, max_prompt_len=8,
+                                max_new_tokens=4, ppo_epochs=2, lora=lora),
+                  policy=_model(), tokenizer=tok, prompts=data, reward_fn=lambda pr, c, **k: [float(len(x)) for x in c])
+    for result in (d, p):
+        tuned = _leaves(nnx.state(result.model, nnx.Param))
+        for name in base:
+            changed = not np.array_equal(base[name], tuned[name])
+            assert changed == any(t in name for t in lora.targets), name
