@@ -11,6 +11,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from jaxrl_llm.ops.checks import check_leading_dim, check_rank, check_same_shape
 from jaxrl_llm.ops.masked import upcast
 
 GROUP_SCALES = ("group", "batch", "none")
@@ -49,8 +50,8 @@ def gae(
     Returns:
       (advantages [B, T] float32, returns [B, T] float32).
     """
-    chex.assert_rank([rewards, values, mask], 2)
-    chex.assert_equal_shape([rewards, values, mask])
+    check_rank(2, rewards=rewards)
+    check_same_shape(rewards=rewards, values=values, mask=mask)
     rewards = jax.lax.stop_gradient(upcast(rewards))
     values = jax.lax.stop_gradient(upcast(values))
     valid = jnp.asarray(mask) > 0
@@ -77,7 +78,7 @@ def gae(
 
 def _grouped(scores: chex.Array, group_size: int) -> chex.Array:
     """[N] → [N / G, G], validating the group layout."""
-    chex.assert_rank(scores, 1)
+    check_rank(1, scores=scores)
     if not isinstance(group_size, int) or group_size < 2:
         raise ValueError(
             f"group_size must be an int >= 2 (a baseline needs other samples), got {group_size!r}"
@@ -163,7 +164,7 @@ def last_valid_index(mask: chex.Array) -> chex.Array:
 
     Rows with no valid position return −1.
     """
-    chex.assert_rank(mask, 2)
+    check_rank(2, mask=mask)
     valid = jnp.asarray(mask) > 0
     t = valid.shape[-1]
     positions = jnp.arange(t, dtype=jnp.int32)
@@ -194,9 +195,10 @@ def shape_token_rewards(
     Returns:
       [B, T] float32 rewards, exactly 0 on masked positions (constants: stop-gradient).
     """
-    chex.assert_rank([scores, kl, mask], [1, 2, 2])
-    chex.assert_equal_shape([kl, mask])
-    chex.assert_equal_shape_prefix([scores, kl], 1)
+    check_rank(1, scores=scores)
+    check_rank(2, kl=kl)
+    check_same_shape(kl=kl, mask=mask)
+    check_leading_dim("kl", kl, scores=scores)
     scores = jax.lax.stop_gradient(upcast(scores))
     kl = jax.lax.stop_gradient(upcast(kl))
     valid = jnp.asarray(mask) > 0

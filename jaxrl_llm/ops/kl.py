@@ -12,6 +12,7 @@ from __future__ import annotations
 import chex
 import jax.numpy as jnp
 
+from jaxrl_llm.ops.checks import check_same_shape
 from jaxrl_llm.ops.masked import upcast
 
 KL_KINDS = ("k1", "abs", "k2", "k3")
@@ -48,7 +49,7 @@ def kl_penalty(
     """
     if kind not in KL_KINDS:
         raise ValueError(f"kind must be one of {KL_KINDS}, got {kind!r}")
-    chex.assert_equal_shape([logp, ref_logp])
+    check_same_shape(logp=logp, ref_logp=ref_logp)
     log_ratio = upcast(logp) - upcast(ref_logp)
     if kind == "k1":
         return log_ratio

@@ -12,6 +12,8 @@ from __future__ import annotations
 import chex
 import jax.numpy as jnp
 
+from jaxrl_llm.ops.checks import check_rank, check_same_shape
+
 AGGREGATION_MODES = (
     "token_mean",
     "seq_mean_token_mean",
@@ -126,8 +128,8 @@ def aggregate_loss(
       scalar float32 loss.
     """
     _check_mode(mode)
-    chex.assert_rank(loss_mat, 2)
-    chex.assert_equal_shape([loss_mat, mask])
+    check_rank(2, loss_mat=loss_mat)
+    check_same_shape(loss_mat=loss_mat, mask=mask)
     loss_mat = upcast(loss_mat)
     m = upcast(mask)
     if mode == "token_mean":

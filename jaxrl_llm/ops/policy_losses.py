@@ -11,6 +11,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from jaxrl_llm.ops.checks import check_leading_dim, check_rank, check_same_shape
 from jaxrl_llm.ops.masked import aggregate_loss, masked_mean, upcast
 
 # exp(20) ≈ 4.9e8: large enough never to bind in healthy training, small enough that
@@ -24,9 +25,9 @@ def _token_advantages(advantages: chex.Array, mask: chex.Array) -> chex.Array:
     """[B] or [B, T] advantages → [B, T] float32, stop-gradient."""
     advantages = jax.lax.stop_gradient(upcast(advantages))
     if advantages.ndim == 1:
-        chex.assert_equal_shape_prefix([advantages, mask], 1)
+        check_leading_dim("mask", mask, advantages=advantages)
         return jnp.broadcast_to(advantages[:, None], mask.shape)
-    chex.assert_equal_shape([advantages, mask])
+    check_same_shape(mask=mask, advantages=advantages)
     return advantages
 
 
@@ -77,8 +78,8 @@ def ppo_policy_loss(
       (ρ below 1 − clip_low), ``clipfrac_lower`` (dual clip active), ``approx_kl`` (mean old_logp − logp),
       ``ratio_mean`` — masked token means.
     """
-    chex.assert_rank([logp, old_logp, mask], 2)
-    chex.assert_equal_shape([logp, old_logp, mask])
+    check_rank(2, logp=logp)
+    check_same_shape(logp=logp, old_logp=old_logp, mask=mask)
     _check_clip(clip_low, clip_high)
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 or None, got {dual_clip}")
@@ -151,9 +152,9 @@ def gspo_policy_loss(
       sequence ratio was clipped"), ``clipfrac_lower`` (0), ``approx_kl``, ``ratio_mean``
       (mean sequence ratio over sequences with tokens).
     """
-    chex.assert_rank([logp, old_logp, mask], 2)
-    chex.assert_rank(advantages, 1)
-    chex.assert_equal_shape([logp, old_logp, mask])
+    check_rank(2, logp=logp)
+    check_rank(1, advantages=advantages)
+    check_same_shape(logp=logp, old_logp=old_logp, mask=mask)
     _check_clip(clip_low, clip_high)
     logp = upcast(logp)
     old_logp = jax.lax.stop_gradient(upcast(old_logp))
@@ -208,8 +209,8 @@ def value_loss(
       (loss scalar, metrics) with ``vf_clipfrac`` (the clipped branch is the larger one)
       and ``value_error`` (masked mean of (v − R)²).
     """
-    chex.assert_rank([values, old_values, returns, mask], 2)
-    chex.assert_equal_shape([values, old_values, returns, mask])
+    check_rank(2, values=values)
+    check_same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
     if clip is not None and clip <= 0:
         raise ValueError(f"clip must be > 0 or None, got {clip}")
     values = upcast(values)

@@ -10,6 +10,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from jaxrl_llm.ops.checks import check_rank, check_same_shape
 from jaxrl_llm.ops.masked import upcast
 
 DPO_KINDS = ("sigmoid", "robust", "ipo", "hinge")
@@ -59,8 +60,8 @@ def dpo_loss(
         raise ValueError(f"beta must be > 0, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    chex.assert_rank([pi_chosen, pi_rejected, ref_chosen, ref_rejected], 1)
-    chex.assert_equal_shape([pi_chosen, pi_rejected, ref_chosen, ref_rejected])
+    check_rank(1, pi_chosen=pi_chosen)
+    check_same_shape(pi_chosen=pi_chosen, pi_rejected=pi_rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected)
     pi_chosen, pi_rejected = upcast(pi_chosen), upcast(pi_rejected)
     ref_chosen = jax.lax.stop_gradient(upcast(ref_chosen))
     ref_rejected = jax.lax.stop_gradient(upcast(ref_rejected))
@@ -116,8 +117,8 @@ def bradley_terry_loss(
     Returns:
       (loss, metrics) with ``accuracy`` (fraction r_c > r_r) and ``margin_mean``.
     """
-    chex.assert_rank([r_chosen, r_rejected], 1)
-    chex.assert_equal_shape([r_chosen, r_rejected])
+    check_rank(1, r_chosen=r_chosen)
+    check_same_shape(r_chosen=r_chosen, r_rejected=r_rejected)
     r_chosen = upcast(r_chosen)
     r_rejected = upcast(r_rejected)
     diff = r_chosen - r_rejected
@@ -151,7 +152,7 @@ def plackett_luce_loss(scores: chex.Array) -> tuple[chex.Array, dict[str, chex.A
       (loss, metrics) with ``top1_accuracy`` (best response scored highest) and
       ``pairwise_accuracy`` (fraction of the K(K−1)/2 pairs ordered correctly).
     """
-    chex.assert_rank(scores, 2)
+    check_rank(2, scores=scores)
     if scores.shape[1] < 2:
         raise ValueError(f"scores must be [B, K] with K >= 2, got shape {scores.shape}")
     scores = upcast(scores)

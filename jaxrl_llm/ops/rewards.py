@@ -7,6 +7,7 @@ from __future__ import annotations
 import chex
 import jax.numpy as jnp
 
+from jaxrl_llm.ops.checks import check_rank, check_same_shape
 from jaxrl_llm.ops.masked import masked_mean, masked_sum, upcast
 
 
@@ -34,7 +35,7 @@ def overlong_penalty(
     Returns:
       [B] float32 penalty in [−factor, 0].
     """
-    chex.assert_rank(lengths, 1)
+    check_rank(1, lengths=lengths)
     if max_len <= 0:
         raise ValueError(f"max_len must be > 0, got {max_len}")
     if not 0 < buffer_len <= max_len:
@@ -61,8 +62,8 @@ def sequence_logprobs(
     Returns:
       [B] float32.
     """
-    chex.assert_rank([token_logp, mask], 2)
-    chex.assert_equal_shape([token_logp, mask])
+    check_rank(2, token_logp=token_logp)
+    check_same_shape(token_logp=token_logp, mask=mask)
     if length_normalize:
         return masked_mean(token_logp, mask, axis=-1)
     return masked_sum(token_logp, mask, axis=-1)

@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from jaxrl_llm.ops.checks import check_rank, check_same_shape
 from jaxrl_llm.ops.masked import aggregate_loss, masked_mean, upcast
 
 
@@ -25,8 +26,8 @@ def sft_loss(
       (loss, metrics) with ``nll`` (token-mean NLL), ``perplexity`` (exp of it) and
       ``num_tokens``.
     """
-    chex.assert_rank([logp, mask], 2)
-    chex.assert_equal_shape([logp, mask])
+    check_rank(2, logp=logp)
+    check_same_shape(logp=logp, mask=mask)
     nll = -upcast(logp)
     loss = aggregate_loss(nll, mask, agg)
     token_nll = jax.lax.stop_gradient(masked_mean(nll, mask))

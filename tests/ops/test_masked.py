@@ -153,5 +153,5 @@ class AggregateLossTest(chex.TestCase):
             aggregate_loss(np.ones((2, 2)), np.ones((2, 2)), "mean")
 
     def test_shape_mismatch(self):
-        with pytest.raises(AssertionError):
+        with pytest.raises(ValueError, match=r"mask has shape \(2, 2\), expected \(2, 3\) \(the shape of loss_mat\)"):
             aggregate_loss(np.ones((2, 3)), np.ones((2, 2)), "token_mean")

@@ -171,7 +171,7 @@ class GSPOLossTest(chex.TestCase):
 
     def test_needs_sequence_advantages(self):
         _, logp, old, mask = make_batch(4)
-        with pytest.raises(AssertionError):
+        with pytest.raises(ValueError, match=r"advantages must be \[B\] \(rank 1\)"):
             gspo_policy_loss(logp, old, np.zeros((6, 10)), mask)
 
 
