@@ -509,6 +509,7 @@ def train(
         ref_logp = None
         if has_ref:
             ref_logp, _ = ref_logprob_fn(ref_params, tokens, full_mask, None)
+        jax.block_until_ready((old_logp, ref_logp))  # so the time split is honest (async dispatch)
         t_logprob = time.perf_counter() - t1
 
         # update: μ passes × minibatches
