@@ -13,27 +13,21 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import pathlib
 import statistics
 import sys
 import tempfile
 
-import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from flax import nnx  # noqa: E402
 
+from benchmarks.common import emit, run_metadata  # noqa: E402
 from jaxrl_llm.models import CausalLM, CharTokenizer, tiny_config  # noqa: E402
 from jaxrl_llm.rewards.arithmetic import arithmetic_reward, make_arithmetic_dataset  # noqa: E402
 from jaxrl_llm.train import grpo  # noqa: E402
 from jaxrl_llm.train.loop import RunConfig  # noqa: E402
-
-RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "end_to_end.jsonl"
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -73,15 +67,9 @@ def main(argv=None):
         **{f"{p}_s": medians[p] for p in parts},
         **{f"fraction_{p.removeprefix('time_')}": medians[p] / total for p in parts},
         "response_length_mean": statistics.median(r["response_length_mean"] for r in warm),
-        "backend": jax.default_backend(), "jax": jax.__version__, "host_cpus": os.cpu_count(), "quick": args.quick,
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **run_metadata(args.quick),
     }
-    line = json.dumps(row)
-    print(line, flush=True)
-    if not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with RESULTS.open("a") as f:
-            f.write(line + "\n")
+    emit("end_to_end", row, save=not args.no_save)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import pathlib
 import statistics
@@ -35,11 +33,9 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import emit, run_metadata  # noqa: E402
 from jaxrl_llm.models import load_hf  # noqa: E402
 from jaxrl_llm.rollout import generate  # noqa: E402
-
-RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "rollout.jsonl"
-
 
 def make_checkpoint(path: str, layers: int, dim: int, vocab: int, seed: int) -> None:
     import torch
@@ -146,16 +142,9 @@ def main(argv=None):
         "ours_tokens_per_s": tokens / ours["wall_s"], "hf_tokens_per_s": tokens / theirs["wall_s"],
         "ratio_tokens_per_s": theirs["wall_s"] / ours["wall_s"],
         "ours_compile_s": ours["compile_s"], "ours_ttft_s": ours["ttft_s"], "hf_ttft_s": theirs["ttft_s"],
-        "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-        "torch": torch.__version__, "host_cpus": os.cpu_count(), "quick": args.quick,
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **run_metadata(args.quick, torch=torch.__version__),
     }
-    line = json.dumps(row)
-    print(line, flush=True)
-    if not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with RESULTS.open("a") as f:
-            f.write(line + "\n")
+    emit("rollout", row, save=not args.no_save)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import pathlib
 import statistics
@@ -30,12 +28,12 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import emit, run_metadata  # noqa: E402
 from jaxrl_llm.models import load_hf  # noqa: E402
 from jaxrl_llm.train.grpo import GRPOConfig, _make_update, _Static  # noqa: E402
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer  # noqa: E402
 from jaxrl_llm.train.policy import split_model  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "train_step.jsonl"
 BETA, CLIP, LR = 0.04, 0.2, 1e-5
 
 
@@ -153,14 +151,8 @@ def main(argv=None):
     assert abs(ours_loss - torch_loss) < 1e-3 * max(1.0, abs(torch_loss)), (ours_loss, torch_loss)
     row["torch_fp32_tokens_per_s"] = valid_tokens / time_calls(lambda: t_step(*torch_batch), args.reps)
     row["ratio_ours_fp32_over_torch"] = row["ours_fp32_tokens_per_s"] / row["torch_fp32_tokens_per_s"]
-    row.update(backend=jax.default_backend(), jax=jax.__version__, torch=torch.__version__, host_cpus=os.cpu_count(),
-               quick=args.quick, time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    line = json.dumps(row)
-    print(line, flush=True)
-    if not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with RESULTS.open("a") as f:
-            f.write(line + "\n")
+    row.update(run_metadata(args.quick, torch=torch.__version__))
+    emit("train_step", row, save=not args.no_save)
 
 
 if __name__ == "__main__":

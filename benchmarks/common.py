@@ -1,0 +1,36 @@
+"""Shared plumbing of the benchmark scripts: run metadata and the JSON-lines output
+(printed, and appended to benchmarks/results/<name>.jsonl unless --no-save)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+
+import jax
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def run_metadata(quick: bool, **versions) -> dict:
+    """Backend, versions, host size, time: what makes rows from different runs comparable."""
+    return {
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "jax": jax.__version__,
+        **versions,
+        "host_cpus": os.cpu_count(),
+        "quick": quick,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def emit(name: str, row: dict, save: bool = True) -> None:
+    """Prints ``row`` as one JSON line and appends it to results/<name>.jsonl."""
+    line = json.dumps(row)
+    print(line, flush=True)
+    if save:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        with (RESULTS_DIR / f"{name}.jsonl").open("a") as f:
+            f.write(line + "\n")
