@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from jaxrl_llm import ops
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.moe import make_param
 from jaxrl_llm.models.transformer import Transformer
@@ -28,10 +29,9 @@ POOLS = ("none", "last", "mean")
 
 
 def last_valid_index(mask: Array) -> Array:
-    """[B] index of the rightmost position with mask 1 (0 for an all-zero row)."""
-    chex.assert_rank(mask, 2)
-    steps = jnp.arange(mask.shape[1])
-    return jnp.argmax(jnp.where(mask.astype(jnp.bool_), steps, -1), axis=1)
+    """[B] index of the rightmost position with mask 1 (0 for an all-zero row, so it is
+    always a valid gather index; ``ops.last_valid_index`` gives −1 there)."""
+    return jnp.maximum(ops.last_valid_index(mask), 0)
 
 
 def pool_values(values: Array, mask: Array, pool: str) -> Array:
