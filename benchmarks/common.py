@@ -34,3 +34,24 @@ def emit(name: str, row: dict, save: bool = True) -> None:
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         with (RESULTS_DIR / f"{name}.jsonl").open("a") as f:
             f.write(line + "\n")
+
+
+# Published dense peaks (no sparsity) of the accelerators benchmarks are run on, keyed by
+# a substring of `device_kind`. Utilisation is reported against these.
+DEVICE_PEAKS = {
+    "H100": {"bf16_flops": 989.4e12, "tf32_flops": 494.7e12, "hbm_bytes_per_s": 3.35e12},
+    "H200": {"bf16_flops": 989.4e12, "tf32_flops": 494.7e12, "hbm_bytes_per_s": 4.8e12},
+}
+
+
+def device_peaks() -> dict | None:
+    """The peak table entry of the first JAX device, or None (e.g. on a CPU)."""
+    kind = str(jax.devices()[0].device_kind)
+    return next((peaks for key, peaks in DEVICE_PEAKS.items() if key in kind), None)
+
+
+def torch_device() -> str:
+    """'cuda' when both PyTorch and JAX see a GPU (side-by-side rows on the same chip)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"

@@ -44,7 +44,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import rlax
+try:  # rlax is a dev dependency; an accelerator image may lack it
+    import rlax
+except ImportError:
+    rlax = None
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -52,7 +55,7 @@ from jaxrl_llm.ops import gae  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "gae.jsonl"
 DEFAULT_LENGTHS = (128, 512, 2048, 8192)
-VARIANTS = ("scan", "assoc", "numpy", "rlax")
+VARIANTS = ("scan", "assoc", "numpy") + (("rlax",) if rlax is not None else ())
 
 
 def _affine_then(later, earlier):
@@ -197,7 +200,7 @@ def main(argv=None):
         backend=jax.default_backend(),
         device=str(jax.devices()[0].device_kind),
         jax=jax.__version__,
-        rlax=rlax.__version__,
+        rlax=rlax.__version__ if rlax is not None else None,
         time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         host_cpus=os.cpu_count(),
         quick=args.quick,

@@ -12,10 +12,19 @@ in one run on the same machine.
 Before timing, greedy outputs are checked equal (first `--check-tokens` tokens), so both
 sides run the same model.
 
+Several `--batch` / `--group` values give one row per (batch, group) pair: the scaling
+sweeps. With shared prefill, G should cost less than the same number of extra prompts.
+
+On a GPU both sides run on it (PyTorch with TF32 matmuls, as XLA uses by default), and
+each row adds the decode phase's memory-bandwidth utilisation: the bytes an ideal decoder
+must read per step (all weights once + the valid KV prefix of every row) over the decode
+time (wall − time to first token), against the device's peak HBM bandwidth.
+
 Usage:
   python benchmarks/rollout.py --quick                 # 2 layers, d=128, V=4096, T=32
   python benchmarks/rollout.py                         # 8 layers, d=512, V=32000, T=256
-  python benchmarks/rollout.py --batch 4 --group 8
+  python benchmarks/rollout.py --batch 1 4 16 --group 4      # batch sweep
+  python benchmarks/rollout.py --batch 4 --group 1 4 16      # group sweep
 """
 
 from __future__ import annotations
@@ -29,11 +38,13 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import emit, run_metadata  # noqa: E402
+from benchmarks.common import device_peaks, emit, run_metadata, torch_device  # noqa: E402
 from jaxrl_llm.models import load_hf  # noqa: E402
 from jaxrl_llm.rollout import generate  # noqa: E402
 
@@ -74,23 +85,69 @@ def time_ours(model, prompts, mask, group, new_tokens, reps, greedy=False):
 def time_hf(hf, prompts, mask, group, new_tokens, reps, greedy=False):
     import torch
 
-    ids = torch.tensor(prompts, dtype=torch.long)
-    att = torch.tensor(mask, dtype=torch.long)
+    device = next(hf.parameters()).device
+    ids = torch.tensor(prompts, dtype=torch.long, device=device)
+    att = torch.tensor(mask, dtype=torch.long, device=device)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=not greedy, num_return_sequences=group,
                   pad_token_id=0, eos_token_id=None, top_k=None, top_p=None, temperature=None if greedy else 1.0)
     with torch.no_grad():
-        out = hf.generate(input_ids=ids, attention_mask=att, **kwargs)  # warm-up
+        out = hf.generate(input_ids=ids, attention_mask=att, **kwargs).cpu()  # warm-up
         if reps == 0:
             return out[:, prompts.shape[1]:].numpy(), {}
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
-            out = hf.generate(input_ids=ids, attention_mask=att, **kwargs)
+            out = hf.generate(input_ids=ids, attention_mask=att, **kwargs).cpu()  # .cpu() waits for the GPU
             times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        hf.generate(input_ids=ids, attention_mask=att, **{**kwargs, "max_new_tokens": 1, "min_new_tokens": 1})
+        hf.generate(input_ids=ids, attention_mask=att, **{**kwargs, "max_new_tokens": 1, "min_new_tokens": 1}).cpu()
         ttft = time.perf_counter() - t0
     return out[:, prompts.shape[1]:].numpy(), {"ttft_s": ttft, "wall_s": statistics.median(times)}
+
+
+def decode_bytes(model, rows: int, prompt_len: int, new_tokens: int, cache_itemsize: int) -> float:
+    """Bytes an ideal decoder reads over `new_tokens` − 1 decode steps: every weight once
+    per step, plus the keys and values of each row's valid prefix (prompt + tokens so far)."""
+    cfg = model.config
+    weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * cache_itemsize
+    steps = np.arange(1, new_tokens)
+    return float(np.sum(weights + rows * kv_per_token * (prompt_len + steps)))
+
+
+def bench_one(model, hf, args, batch: int, group: int, dtype) -> dict:
+    """One (batch, group) row: ours vs HF tokens/s, measured back to back."""
+    rng = np.random.default_rng(args.seed)
+    lengths = rng.integers(args.prompt_len // 2, args.prompt_len + 1, batch)
+    prompts = rng.integers(1, args.vocab, (batch, args.prompt_len)).astype(np.int32)
+    mask = (np.arange(args.prompt_len)[None] >= (args.prompt_len - lengths)[:, None]).astype(np.int32)  # left-padded
+    prompts = prompts * mask
+
+    # same model: greedy tokens agree
+    check = min(args.check_tokens, args.new_tokens)
+    ours_greedy, _ = time_ours(model, prompts, mask, 1, check, 0, greedy=True)
+    hf_greedy, _ = time_hf(hf, prompts, mask, 1, check, 0, greedy=True)
+    agree = float(np.mean(np.asarray(ours_greedy.tokens) == hf_greedy))
+
+    _, ours = time_ours(model, prompts, mask, group, args.new_tokens, args.reps)
+    _, theirs = time_hf(hf, prompts, mask, group, args.new_tokens, args.reps)
+    tokens = batch * group * args.new_tokens
+    row = {
+        "bench": "rollout", "layers": args.layers, "dim": args.dim, "vocab": args.vocab, "batch": batch,
+        "group": group, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "reps": args.reps,
+        "dtype": args.dtype, "greedy_token_agreement": agree,
+        "ours_tokens_per_s": tokens / ours["wall_s"], "hf_tokens_per_s": tokens / theirs["wall_s"],
+        "ratio_tokens_per_s": theirs["wall_s"] / ours["wall_s"],
+        "ours_compile_s": ours["compile_s"], "ours_ttft_s": ours["ttft_s"], "hf_ttft_s": theirs["ttft_s"],
+    }
+    peaks = device_peaks()
+    if peaks is not None:
+        moved = decode_bytes(model, batch * group, args.prompt_len, args.new_tokens, jnp.dtype(dtype).itemsize)
+        for side, t in (("ours", ours), ("hf", theirs)):
+            bandwidth = moved / max(t["wall_s"] - t["ttft_s"], 1e-9)
+            row[f"{side}_decode_bytes_per_s"] = bandwidth
+            row[f"{side}_decode_bandwidth_util"] = bandwidth / peaks["hbm_bytes_per_s"]
+    return row
 
 
 def main(argv=None):
@@ -98,10 +155,12 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--group", type=int, default=4)
+    parser.add_argument("--batch", type=int, nargs="+", default=[4])
+    parser.add_argument("--group", type=int, nargs="+", default=[4])
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights and activations of both sides")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--check-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -115,36 +174,19 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(os.cpu_count() or 1)
-    rng = np.random.default_rng(args.seed)
-    lengths = rng.integers(args.prompt_len // 2, args.prompt_len + 1, args.batch)
-    prompts = rng.integers(1, args.vocab, (args.batch, args.prompt_len)).astype(np.int32)
-    mask = (np.arange(args.prompt_len)[None] >= (args.prompt_len - lengths)[:, None]).astype(np.int32)  # left-padded
-    prompts = prompts * mask
-
+    device = torch_device()
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # XLA's default f32 matmul precision on GPU
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     with tempfile.TemporaryDirectory() as path:
         make_checkpoint(path, args.layers, args.dim, args.vocab, args.seed)
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        model, _ = load_hf(path)
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(device).eval()
+        model, _ = load_hf(path, dtype=dtype)
 
-    # same model: greedy tokens agree
-    check = min(args.check_tokens, args.new_tokens)
-    ours_greedy, _ = time_ours(model, prompts, mask, 1, check, 0, greedy=True)
-    hf_greedy, _ = time_hf(hf, prompts, mask, 1, check, 0, greedy=True)
-    agree = float(np.mean(np.asarray(ours_greedy.tokens) == hf_greedy))
-
-    _, ours = time_ours(model, prompts, mask, args.group, args.new_tokens, args.reps)
-    _, theirs = time_hf(hf, prompts, mask, args.group, args.new_tokens, args.reps)
-    tokens = args.batch * args.group * args.new_tokens
-    row = {
-        "bench": "rollout", "layers": args.layers, "dim": args.dim, "vocab": args.vocab, "batch": args.batch,
-        "group": args.group, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "reps": args.reps,
-        "greedy_token_agreement": agree,
-        "ours_tokens_per_s": tokens / ours["wall_s"], "hf_tokens_per_s": tokens / theirs["wall_s"],
-        "ratio_tokens_per_s": theirs["wall_s"] / ours["wall_s"],
-        "ours_compile_s": ours["compile_s"], "ours_ttft_s": ours["ttft_s"], "hf_ttft_s": theirs["ttft_s"],
-        **run_metadata(args.quick, torch=torch.__version__),
-    }
-    emit("rollout", row, save=not args.no_save)
+    meta = run_metadata(args.quick, torch=torch.__version__, torch_device=device)
+    for batch in args.batch:
+        for group in args.group:
+            emit("rollout", {**bench_one(model, hf, args, batch, group, dtype), **meta}, save=not args.no_save)
 
 
 if __name__ == "__main__":

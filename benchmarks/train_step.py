@@ -7,6 +7,13 @@ max(−A·ρ, −A·clip(ρ, 0.8, 1.2)), seq_mean_token_mean aggregation, k3 KL 
 (β = 0.04). Both sides start from the same weights and batch; the first-step losses are
 checked equal before timing. tokens/s = valid response tokens per update / median time.
 
+On a GPU both sides run on it (PyTorch with TF32 matmuls, as XLA uses by default, plus a
+bf16-autocast PyTorch variant beside our bf16), and each variant's model FLOPs
+utilisation is reported: model FLOPs per update (6·N per token processed, N without the
+input embedding, plus PaLM's causal-attention term 6·layers·d·L per token; remat
+recompute not counted) per second, over the device's dense peak (TF32 peak for fp32
+variants, bf16 peak for bf16 ones).
+
 Usage:
   python benchmarks/train_step.py --quick
   python benchmarks/train_step.py --layers 4 --dim 256 --vocab 8192 --rows 16 --len 256
@@ -28,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import emit, run_metadata  # noqa: E402
+from benchmarks.common import device_peaks, emit, run_metadata, torch_device  # noqa: E402
 from jaxrl_llm.models import load_hf  # noqa: E402
 from jaxrl_llm.train.grpo import GRPOConfig, _make_update, _Static  # noqa: E402
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer  # noqa: E402
@@ -45,13 +52,25 @@ def make_batch(rng, rows, prompt_len, resp_len, vocab):
     return tokens, full_mask, mask, rng.normal(size=rows).astype(np.float32)
 
 
-def torch_step_fn(hf, prompt_len):
+def model_flops(hf, rows: int, seq_len: int) -> float:
+    """Model FLOPs of one forward + backward over rows × seq_len tokens (PaLM, App. B)."""
+    cfg = hf.config
+    n = sum(p.numel() for p in hf.parameters()) - hf.get_input_embeddings().weight.numel()
+    attention = 6 * cfg.num_hidden_layers * cfg.hidden_size * seq_len  # causal: half of 12·l·d·L
+    return float(rows * seq_len * (6 * n + attention))
+
+
+def torch_step_fn(hf, prompt_len, autocast_bf16=False):
+    import contextlib
+
     import torch
 
     opt = torch.optim.AdamW(hf.parameters(), lr=LR, weight_decay=0.0, eps=1e-8)
 
     def logprobs(tokens, full_mask):
-        logits = hf(input_ids=tokens, attention_mask=full_mask).logits[:, prompt_len - 1 : -1].float()
+        cast = torch.autocast(tokens.device.type, dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
+        with cast:
+            logits = hf(input_ids=tokens, attention_mask=full_mask).logits[:, prompt_len - 1 : -1].float()
         return torch.gather(torch.log_softmax(logits, -1), 2, tokens[:, prompt_len:, None])[..., 0]
 
     def step(tokens, full_mask, mask, adv, old, ref):
@@ -88,6 +107,9 @@ def main(argv=None):
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--len", type=int, default=224, help="response length T")
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--logprob-chunk", type=int, default=256)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="2 layers, d=64, V=1024, 8 rows × (16 + 48)")
     parser.add_argument("--no-save", action="store_true")
@@ -99,33 +121,39 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.set_num_threads(os.cpu_count() or 1)
+    device = torch_device()
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # XLA's default f32 matmul precision on GPU
     rng = np.random.default_rng(0)
     tokens, full_mask, mask, adv = make_batch(rng, args.rows, args.prompt_len, args.len, args.vocab)
     with tempfile.TemporaryDirectory() as path:
         torch.manual_seed(0)
         cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=args.dim * 2,
-                          num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2)
+                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                          num_key_value_heads=args.kv_heads)
         LlamaForCausalLM(cfg).save_pretrained(path)
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).train()
         variants = {"fp32": load_hf(path)[0], "fp32_remat": load_hf(path, remat=True)[0],
                     "bf16": load_hf(path, dtype=jnp.float32, compute_dtype=jnp.bfloat16)[0]}
 
     # old / reference log-probs: the current policy's (ratio 1 at the first step), reference perturbed
-    t_tokens, t_full = torch.tensor(tokens, dtype=torch.long), torch.tensor(full_mask, dtype=torch.long)
+    t_tokens = torch.tensor(tokens, dtype=torch.long, device=device)
+    t_full = torch.tensor(full_mask, dtype=torch.long, device=device)
     t_logprobs, t_step = torch_step_fn(hf, args.prompt_len)
     with torch.no_grad():
         old = t_logprobs(t_tokens, t_full)
     ref = old + 0.05
-    torch_batch = (t_tokens, t_full, torch.tensor(mask), torch.tensor(adv), old, ref)
+    torch_batch = (t_tokens, t_full, torch.tensor(mask, device=device), torch.tensor(adv, device=device), old, ref)
     valid_tokens = float(mask.sum())
 
     row = {"bench": "train_step", "layers": args.layers, "dim": args.dim, "vocab": args.vocab, "rows": args.rows,
            "prompt_len": args.prompt_len, "response_len": args.len, "valid_tokens": valid_tokens, "reps": args.reps}
     batch = {"tokens": jnp.asarray(tokens), "full_mask": jnp.asarray(full_mask), "mask": jnp.asarray(mask),
              "advantages": jnp.asarray(adv), "tis_weight": jnp.ones_like(jnp.asarray(mask)),
-             "old_logp": jnp.asarray(old.numpy()), "ref_logp": jnp.asarray(ref.numpy()), "routing": None}
+             "old_logp": jnp.asarray(old.cpu().numpy()), "ref_logp": jnp.asarray(ref.cpu().numpy()), "routing": None}
     config = GRPOConfig(max_new_tokens=args.len, kl_coef=BETA, clip_low=CLIP, clip_high=CLIP,
-                        loss_agg="seq_mean_token_mean", optim=OptimConfig(learning_rate=LR), logprob_chunk_size=256)
+                        loss_agg="seq_mean_token_mean", optim=OptimConfig(learning_rate=LR),
+                        logprob_chunk_size=args.logprob_chunk)
     ours_loss = None
     for name, model in variants.items():
         split = split_model(model)
@@ -151,7 +179,18 @@ def main(argv=None):
     assert abs(ours_loss - torch_loss) < 1e-3 * max(1.0, abs(torch_loss)), (ours_loss, torch_loss)
     row["torch_fp32_tokens_per_s"] = valid_tokens / time_calls(lambda: t_step(*torch_batch), args.reps)
     row["ratio_ours_fp32_over_torch"] = row["ours_fp32_tokens_per_s"] / row["torch_fp32_tokens_per_s"]
-    row.update(run_metadata(args.quick, torch=torch.__version__))
+    if device == "cuda":  # eager bf16 autocast: the PyTorch counterpart of our bf16 compute
+        _, t_step_bf16 = torch_step_fn(hf, args.prompt_len, autocast_bf16=True)
+        t_step_bf16(*torch_batch)  # warm-up
+        row["torch_bf16_tokens_per_s"] = valid_tokens / time_calls(lambda: t_step_bf16(*torch_batch), args.reps)
+        row["ratio_ours_bf16_over_torch_bf16"] = row["ours_bf16_tokens_per_s"] / row["torch_bf16_tokens_per_s"]
+    peaks = device_peaks()
+    if peaks is not None:
+        flops_per_valid_token = model_flops(hf, args.rows, args.prompt_len + args.len) / valid_tokens
+        for key in [k for k in row if k.endswith("_tokens_per_s")]:
+            peak = peaks["bf16_flops"] if "bf16" in key else peaks["tf32_flops"]
+            row[key.replace("_tokens_per_s", "_mfu")] = row[key] * flops_per_valid_token / peak
+    row.update(run_metadata(args.quick, torch=torch.__version__, torch_device=device))
     emit("train_step", row, save=not args.no_save)
 
 
