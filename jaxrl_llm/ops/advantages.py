@@ -15,6 +15,7 @@ from jaxrl_llm.ops.checks import check_leading_dim, check_rank, check_same_shape
 from jaxrl_llm.ops.masked import upcast
 
 GROUP_SCALES = ("group", "batch", "none")
+GAE_METHODS = ("auto", "scan", "associative")
 
 
 def gae(
@@ -23,8 +24,9 @@ def gae(
     mask: chex.Array,
     gamma: float = 1.0,
     lam: float = 0.95,
+    method: str = "auto",
 ) -> tuple[chex.Array, chex.Array]:
-    """Generalised advantage estimation over response tokens, by a reverse ``lax.scan``.
+    """Generalised advantage estimation over response tokens.
 
       δ_t = r_t + γ·V_{t'} − V_t          (t' = next valid token; V after the last is 0)
       A_t = δ_t + γλ·A_{t'}
@@ -36,6 +38,12 @@ def gae(
     0 at masked positions. Inputs are treated as constants (stop-gradient). No whitening:
     apply ``masked_whiten`` if wanted.
 
+    Two algorithms give the same result (to float32 rounding): a reverse ``lax.scan``
+    (T sequential steps, least arithmetic) and ``lax.associative_scan`` over the affine
+    maps x ↦ a_t·x + b_t (O(log T) depth, a few times the arithmetic). On a CPU the scan
+    is 2–4× faster; on a GPU the associative scan is 14–280× faster (T = 128…8192,
+    ``benchmarks/gae.py``), because each of the scan's T steps is a tiny kernel.
+
     References:
       Schulman et al. 2016, High-Dimensional Continuous Control Using GAE,
       https://arxiv.org/abs/1506.02438
@@ -46,15 +54,30 @@ def gae(
       mask: [B, T] 1.0 on valid response tokens.
       gamma: discount γ.
       lam: GAE λ.
+      method: "scan", "associative", or "auto" (scan on CPU, associative elsewhere).
 
     Returns:
       (advantages [B, T] float32, returns [B, T] float32).
     """
     check_rank(2, rewards=rewards)
     check_same_shape(rewards=rewards, values=values, mask=mask)
+    if method not in GAE_METHODS:
+        raise ValueError(f"method={method!r}; expected one of {GAE_METHODS}.")
+    if method == "auto":
+        method = "scan" if jax.default_backend() == "cpu" else "associative"
     rewards = jax.lax.stop_gradient(upcast(rewards))
     values = jax.lax.stop_gradient(upcast(values))
     valid = jnp.asarray(mask) > 0
+    if method == "scan":
+        advantages = _gae_scan(rewards, values, valid, gamma, lam)
+    else:
+        advantages = _gae_associative(rewards, values, valid, gamma, lam)
+    returns = jnp.where(valid, advantages + values, 0.0)
+    return advantages, returns
+
+
+def _gae_scan(rewards, values, valid, gamma, lam):
+    """[B, T] advantages by a reverse scan over time carrying (next value, next advantage)."""
 
     def step(carry, xs):
         next_value, next_adv = carry
@@ -71,9 +94,30 @@ def gae(
     init = (jnp.zeros((batch,), values.dtype), jnp.zeros((batch,), values.dtype))
     # Scan over time (axis 0 after the transpose), last token first.
     _, adv_tb = jax.lax.scan(step, init, (rewards.T, values.T, valid.T), reverse=True)
-    advantages = adv_tb.T
-    returns = jnp.where(valid, advantages + values, 0.0)
-    return advantages, returns
+    return adv_tb.T
+
+
+def _compose_affine(later, earlier):
+    """earlier ∘ later for affine maps x ↦ a·x + b given as (a, b): a reverse scan step."""
+    a_l, b_l = later
+    a_e, b_e = earlier
+    return a_e * a_l, a_e * b_l + b_e
+
+
+def _gae_associative(rewards, values, valid, gamma, lam):
+    """[B, T] advantages by two associative scans: A_t = a_t·A_{t+1} + b_t with (a, b) =
+    (γλ, δ_t) on valid tokens and (1, 0) on masked ones (the recursion passes holes
+    unchanged); the next valid value inside δ_t comes from the first scan."""
+    zero, one = jnp.zeros_like(values), jnp.ones_like(values)
+    # value of the first valid token at or after t (0 past the end)
+    _, first_valid_value = jax.lax.associative_scan(
+        _compose_affine, (jnp.where(valid, zero, one), jnp.where(valid, values, zero)), reverse=True, axis=1
+    )
+    next_value = jnp.concatenate([first_valid_value[:, 1:], zero[:, :1]], axis=1)
+    delta = jnp.where(valid, rewards + gamma * next_value - values, 0.0)
+    coef = jnp.where(valid, gamma * lam, 1.0)
+    _, adv = jax.lax.associative_scan(_compose_affine, (coef, delta), reverse=True, axis=1)
+    return jnp.where(valid, adv, 0.0)
 
 
 def _grouped(scores: chex.Array, group_size: int) -> chex.Array:

@@ -38,22 +38,27 @@ def ref_gae(rewards, values, mask, gamma, lam):
 
 class GaeTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.product(holes=(False, True), gamma_lam=((1.0, 0.95), (0.99, 0.9), (0.9, 0.0), (0.97, 1.0)))
-    def test_matches_loop(self, holes, gamma_lam):
+    @parameterized.product(
+        holes=(False, True),
+        gamma_lam=((1.0, 0.95), (0.99, 0.9), (0.9, 0.0), (0.97, 1.0)),
+        method=("scan", "associative"),
+    )
+    def test_matches_loop(self, holes, gamma_lam, method):
         gamma, lam = gamma_lam
         rng = np.random.default_rng(0)
         rewards, values = float32(rng, 5, 12), float32(rng, 5, 12)
         mask = ragged_mask(rng, 5, 12, holes=holes)
-        adv, ret = self.variant(functools.partial(gae, gamma=gamma, lam=lam))(rewards, values, mask)
+        adv, ret = self.variant(functools.partial(gae, gamma=gamma, lam=lam, method=method))(rewards, values, mask)
         chex.assert_shape([adv, ret], (5, 12))
         ref_adv, ref_ret = ref_gae(rewards, values, mask, gamma, lam)
         chex.assert_trees_all_close((adv, ret), (ref_adv, ref_ret), rtol=1e-5, atol=1e-5)
 
-    @parameterized.parameters((0.99, 0.95), (1.0, 0.0), (0.9, 1.0))
-    def test_matches_rlax_on_unpadded(self, gamma, lam):
+    @parameterized.product(gamma_lam=((0.99, 0.95), (1.0, 0.0), (0.9, 1.0)), method=("scan", "associative"))
+    def test_matches_rlax_on_unpadded(self, gamma_lam, method):
+        gamma, lam = gamma_lam
         rng = np.random.default_rng(1)
         rewards, values = float32(rng, 4, 16), float32(rng, 4, 16)
-        adv, _ = gae(rewards, values, np.ones((4, 16), np.float32), gamma, lam)
+        adv, _ = gae(rewards, values, np.ones((4, 16), np.float32), gamma, lam, method=method)
         boot = np.concatenate([values, np.zeros((4, 1), np.float32)], axis=1)  # V after last = 0
         discounts = np.full((4, 16), gamma, np.float32)
         expected = jax.vmap(rlax.truncated_generalized_advantage_estimation, in_axes=(0, 0, None, 0))(
@@ -86,17 +91,32 @@ class GaeTest(chex.TestCase):
                 next_v = values[b, t + 1] if t + 1 < n else 0.0
                 np.testing.assert_allclose(adv[b, t], rewards[b, t] + gamma * next_v - values[b, t], rtol=1e-5, atol=1e-6)
 
-    def test_padding_does_not_leak(self):
+    @parameterized.parameters("scan", "associative")
+    def test_padding_does_not_leak(self, method):
         rng = np.random.default_rng(4)
         rewards, values = float32(rng, 2, 8), float32(rng, 2, 8)
         mask = ragged_mask(rng, 2, 8, min_len=2)
         mask[1, 5:] = 0
-        adv1, _ = gae(rewards, values, mask, 1.0, 0.95)
+        adv1, _ = gae(rewards, values, mask, 1.0, 0.95, method=method)
         rewards[1, 5:] = 1e6
         values[1, 5:] = -1e6
-        adv2, ret2 = gae(rewards, values, mask, 1.0, 0.95)
+        adv2, ret2 = gae(rewards, values, mask, 1.0, 0.95, method=method)
         np.testing.assert_array_equal(adv1, adv2)
         self.assertTrue(np.all(np.asarray(adv2)[1, 5:] == 0) and np.all(np.asarray(ret2)[1, 5:] == 0))
+
+    def test_auto_method_picks_scan_on_cpu_and_rejects_unknown(self):
+        rng = np.random.default_rng(5)
+        rewards, values = float32(rng, 3, 64), float32(rng, 3, 64)
+        mask = ragged_mask(rng, 3, 64, holes=True)
+        auto = gae(rewards, values, mask, 0.99, 0.95)
+        chosen = "scan" if jax.default_backend() == "cpu" else "associative"
+        chex.assert_trees_all_equal(auto, gae(rewards, values, mask, 0.99, 0.95, method=chosen))
+        # the two algorithms agree on long sequences with holes too
+        chex.assert_trees_all_close(
+            gae(rewards, values, mask, 0.99, 0.95, method="scan"),
+            gae(rewards, values, mask, 0.99, 0.95, method="associative"), rtol=1e-5, atol=1e-5)
+        with self.assertRaisesRegex(ValueError, "method='parallel'; expected one of"):
+            gae(rewards, values, mask, method="parallel")
 
 
 def ref_group(scores, g, scale, eps):
