@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite at GPU sizes (each script compares side by side in one run).
-# Usage: bash benchmarks/run_gpu.sh [quick|rollout|rest]
+# Usage: bash benchmarks/run_gpu.sh [quick|rollout|prefill|tunix|rest]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -18,6 +18,15 @@ fi
 if [[ $what == all || $what == rollout ]]; then
   python benchmarks/rollout.py --layers 16 --dim 1024 --dtype bfloat16 --batch 1 4 16 64 --group 4 --reps 2
   python benchmarks/rollout.py --layers 16 --dim 1024 --dtype bfloat16 --batch 4 --group 1 16 --reps 2
+fi
+if [[ $what == all || $what == prefill ]]; then  # long prompts: the same 16 rows as 16 prompts × 1 or 1 × 16
+  python benchmarks/rollout.py --layers 16 --dim 1024 --dtype bfloat16 --prompt-len 2048 --new-tokens 64 \
+    --batch 16 1 --group 1 --reps 3
+  python benchmarks/rollout.py --layers 16 --dim 1024 --dtype bfloat16 --prompt-len 2048 --new-tokens 64 \
+    --batch 1 --group 16 --reps 3
+fi
+if [[ $what == all || $what == tunix ]]; then  # needs google-tunix importable
+  python benchmarks/rollout.py --layers 16 --dim 1024 --dtype bfloat16 --batch 4 16 --group 4 --reps 2 --tunix
 fi
 if [[ $what == all || $what == rest ]]; then
   python benchmarks/gae.py
