@@ -10,9 +10,11 @@ KL to the reference (``ops.kl_penalty``, k1 by default) → shaped token rewards
 minibatch updates of the clipped policy loss, the clipped value loss and an entropy
 bonus → β update (fixed, linear schedule or adaptive controller).
 
-Options: KL in the loss instead of in the reward (``kl_in_reward=False``), a replay
-buffer of earlier rollouts mixed into the update batches, a critic on its own backbone
-(default: a copy of the policy's backbone) or a value head shared with the policy.
+Options: KL in the loss instead of in the reward (``kl_in_reward=False``), the KL reward
+summed over the response and charged at its last token instead of per token
+(``kl_reward_placement="sequence"``), a replay buffer of earlier rollouts mixed into the
+update batches, a critic on its own backbone (default: a copy of the policy's backbone)
+or a value head shared with the policy.
 
 Everything a resumed run needs is in the checkpointed state: policy and critic params,
 their optimizer states, the RNG key, β, the reward normaliser's running moments and the
@@ -56,6 +58,7 @@ from jaxrl_llm.train.optim import OptimConfig, make_optimizer
 from jaxrl_llm.train.policy import as_model, response_logprobs, split_model
 
 KL_SCHEDULES = ("fixed", "linear", "adaptive")
+KL_REWARD_PLACEMENTS = ("token", "sequence")
 REWARD_EPS = 1e-8  # std floor of the running reward normaliser
 
 
@@ -92,6 +95,10 @@ class PPOConfig:
         (in samples).
       kl_in_reward: True: −β·KL is part of the token rewards (InstructGPT); False: the KL
         estimate of the current policy is a loss term β·KL instead (GRPO-style).
+      kl_reward_placement: where the KL reward goes (with ``kl_in_reward``): "token"
+        (r_t = −β·KL_t, r_last += score; InstructGPT) or "sequence" (r_last = score −
+        β·Σ_t KL_t, other r_t = 0). The return from the first token is the same; what
+        GAE credits to each token differs (see ``compute_ppo_targets``).
       shared_critic: the critic is a value head on the policy's own hidden states (one
         backbone, one optimizer) instead of a separate value model.
       reward_norm: normalise scores with running mean / std over all scores seen so far.
@@ -140,6 +147,7 @@ class PPOConfig:
     kl_target: float = 6.0
     kl_horizon: float = 10_000.0
     kl_in_reward: bool = True
+    kl_reward_placement: str = "token"
     shared_critic: bool = False
     reward_norm: bool = False
     reward_clip: float | None = None
@@ -164,6 +172,12 @@ class PPOConfig:
             raise ValueError(f"kl_kind must be one of {ops.KL_KINDS}, got {self.kl_kind!r}")
         if self.kl_schedule not in KL_SCHEDULES:
             raise ValueError(f"kl_schedule must be one of {KL_SCHEDULES}, got {self.kl_schedule!r}")
+        if self.kl_reward_placement not in KL_REWARD_PLACEMENTS:
+            raise ValueError(f"kl_reward_placement must be one of {KL_REWARD_PLACEMENTS}, "
+                             f"got {self.kl_reward_placement!r}")
+        if self.kl_reward_placement != "token" and not self.kl_in_reward:
+            raise ValueError(f"kl_reward_placement={self.kl_reward_placement!r} places the KL in the reward; "
+                             "it needs kl_in_reward=True")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.kl_schedule == "linear" and (self.kl_coef_final is None or self.kl_coef_final < 0):
@@ -258,12 +272,20 @@ def compute_ppo_targets(
     gamma: float = 1.0,
     lam: float = 0.95,
     whiten: bool = True,
+    kl_reward_placement: str = "token",
 ) -> dict[str, jax.Array]:
     """The PPO targets of a rollout: KL → shaped rewards → GAE → whitened advantages.
 
       kl_t = kl_penalty(logp_t, ref_logp_t, kl_kind)
-      r_t  = −β·kl_t (+ score on the last valid token)       (shape_token_rewards)
+      "token":    r_t = −β·kl_t (+ score on the last valid token)     (shape_token_rewards)
+      "sequence": r_t = 0,  r_last = score − β·Σ_t kl_t
       A, R = gae(r, V, γ, λ);  A ← masked_whiten(A) if whiten
+
+    The two placements give every response the same total reward; they differ by the
+    potential Φ_t = −β·Σ_{u<t} kl_u (potential-based shaping, Ng et al. 1999). A critic
+    that tracks the KL already spent gives identical advantages under both; a critic
+    that cannot (the usual case) gets the KL of token t only through the last token's
+    δ, λ-discounted back to t, under "sequence".
 
     Args:
       scores: [N] float32 sequence scores.
@@ -271,20 +293,28 @@ def compute_ppo_targets(
       values: [N, T] float32 critic values V(s_t).
       mask: [N, T] 1.0 on valid response tokens.
       beta: KL coefficient in the reward (0 when the KL is a loss term instead).
+      kl_reward_placement: one of KL_REWARD_PLACEMENTS.
 
     Returns:
       dict of [N, T] float32 arrays ``kl``, ``rewards``, ``advantages``, ``returns``.
     """
+    if kl_reward_placement not in KL_REWARD_PLACEMENTS:
+        raise ValueError(f"kl_reward_placement must be one of {KL_REWARD_PLACEMENTS}, got {kl_reward_placement!r}")
     mask = jnp.asarray(mask, jnp.float32)
     kl = ops.kl_penalty(logp, ref_logp, kl_kind) * mask
-    rewards = ops.shape_token_rewards(scores, kl, mask, beta)
+    if kl_reward_placement == "sequence":
+        # Sum the KL into the score; β = 0 then puts only the score, on the last valid token.
+        rewards = ops.shape_token_rewards(scores - beta * kl.sum(axis=-1), kl, mask, 0.0)
+    else:
+        rewards = ops.shape_token_rewards(scores, kl, mask, beta)
     advantages, returns = ops.gae(rewards, values, mask, gamma, lam)
     if whiten:
         advantages = ops.masked_whiten(advantages, mask)
     return {"kl": kl, "rewards": rewards, "advantages": advantages, "returns": returns}
 
 
-_targets_jit = jax.jit(compute_ppo_targets, static_argnames=("kl_kind", "gamma", "lam", "whiten"))
+_targets_jit = jax.jit(compute_ppo_targets,
+                       static_argnames=("kl_kind", "gamma", "lam", "whiten", "kl_reward_placement"))
 
 
 # ---------------------------------------------------------------------------- models
@@ -665,7 +695,7 @@ def train(
         targets = _targets_jit(
             jnp.asarray(scores), old_logp, ref_logp, old_values, jnp.asarray(mask),
             beta=jnp.float32(beta if config.kl_in_reward else 0.0), kl_kind=config.kl_kind, gamma=config.gamma,
-            lam=config.lam, whiten=config.whiten_advantages)
+            lam=config.lam, whiten=config.whiten_advantages, kl_reward_placement=config.kl_reward_placement)
         t_logprob = time.perf_counter() - t1
 
         # update: ppo_epochs × minibatches (+ replayed rows)

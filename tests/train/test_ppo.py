@@ -61,7 +61,8 @@ def base_config(tmp_path, name="run", **kw):
      (dict(kl_schedule="linear"), "kl_coef_final"), (dict(kl_schedule="adaptive", kl_coef=0.0), "adaptive"),
      (dict(prompts_per_step=3, minibatches=2), "divisible"), (dict(replay_rows=4), "replay_rows"),
      (dict(temperature=0.0), "temperature"), (dict(loss_agg="sum"), "loss_agg"), (dict(gamma=1.5), "gamma"),
-     (dict(overlong_prompts="cut"), "overlong_prompts")],
+     (dict(overlong_prompts="cut"), "overlong_prompts"), ({"kl_reward_placement": "seq"}, "kl_reward_placement"),
+     ({"kl_reward_placement": "sequence", "kl_in_reward": False}, "kl_in_reward=True")],
 )
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -77,8 +78,11 @@ def test_linear_kl_schedule():
 # ---------------------------------------------------------------- numpy references
 
 
-def ref_targets(scores, logp, ref_logp, values, mask, beta, kind, gamma, lam, whiten):
-    """Shaped rewards → GAE → whitening as plain loops from the papers' definitions."""
+def ref_targets(scores, logp, ref_logp, values, mask, beta, kind, gamma, lam, whiten, placement="token"):
+    """Shaped rewards → GAE → whitening as plain loops from the papers' definitions.
+
+    placement "token": r_t = −β·kl_t, r_last += score; "sequence": r_last = score − β·Σ kl_t.
+    """
     n, t = logp.shape
     kl = np.zeros((n, t))
     rewards = np.zeros((n, t))
@@ -88,9 +92,9 @@ def ref_targets(scores, logp, ref_logp, values, mask, beta, kind, gamma, lam, wh
         for i in valid:
             d = logp[b, i] - ref_logp[b, i]
             kl[b, i] = d if kind == "k1" else math.exp(-d) + d - 1.0
-            rewards[b, i] = -beta * kl[b, i]
+            rewards[b, i] = -beta * kl[b, i] if placement == "token" else 0.0
         if valid:
-            rewards[b, valid[-1]] += scores[b]
+            rewards[b, valid[-1]] += scores[b] - (beta * kl[b].sum() if placement == "sequence" else 0.0)
         next_v = next_a = 0.0
         for i in reversed(valid):  # holes are skipped: the recursion links valid tokens
             delta = rewards[b, i] + gamma * next_v - values[b, i]
@@ -105,22 +109,60 @@ def ref_targets(scores, logp, ref_logp, values, mask, beta, kind, gamma, lam, wh
     return kl, rewards, adv, returns
 
 
-@pytest.mark.parametrize("kind, whiten", [("k1", True), ("k3", False)])
-def test_targets_match_numpy_reference(kind, whiten):
-    rng = np.random.default_rng(0)
-    n, t = 5, 7
+def _random_rollout(seed=0, n=5, t=7):
+    rng = np.random.default_rng(seed)
     logp = rng.normal(-2, 0.5, (n, t)).astype(np.float32)
     ref_logp = (logp + rng.normal(0, 0.3, (n, t))).astype(np.float32)
     values = rng.normal(0, 1, (n, t)).astype(np.float32)
     scores = rng.normal(0, 1, n).astype(np.float32)
     mask = (np.arange(t)[None] < rng.integers(1, t + 1, n)[:, None]).astype(np.float32)
     mask[0, 2] = 0.0  # a hole inside a response
-    out = jax.jit(lambda *a: compute_ppo_targets(*a, beta=0.1, kl_kind=kind, gamma=0.9, lam=0.8, whiten=whiten))(
-        scores, logp, ref_logp, values, mask)
-    kl, rewards, adv, returns = ref_targets(scores, logp, ref_logp, values, mask, 0.1, kind, 0.9, 0.8, whiten)
+    return scores, logp, ref_logp, values, mask
+
+
+@pytest.mark.parametrize("kind, whiten, placement", [("k1", True, "token"), ("k3", False, "token"),
+                                                     ("k1", False, "sequence"), ("k3", True, "sequence")])
+def test_targets_match_numpy_reference(kind, whiten, placement):
+    scores, logp, ref_logp, values, mask = _random_rollout()
+    mask[3] = 0.0  # an unscored row: nothing anywhere
+    out = jax.jit(lambda *a: compute_ppo_targets(*a, beta=0.1, kl_kind=kind, gamma=0.9, lam=0.8, whiten=whiten,
+                                                 kl_reward_placement=placement))(scores, logp, ref_logp, values, mask)
+    kl, rewards, adv, returns = ref_targets(scores, logp, ref_logp, values, mask, 0.1, kind, 0.9, 0.8, whiten,
+                                            placement)
     for name, expected in (("kl", kl), ("rewards", rewards), ("advantages", adv), ("returns", returns)):
         np.testing.assert_allclose(np.asarray(out[name]), expected, rtol=1e-5, atol=1e-5, err_msg=name)
     assert np.all(np.asarray(out["rewards"])[mask == 0] == 0)
+
+
+def test_sequence_kl_placement_rewards():
+    scores, logp, ref_logp, values, mask = _random_rollout(seed=1, n=6, t=9)
+    beta = 0.3
+    tok, seq = (compute_ppo_targets(scores, logp, ref_logp, values, mask, beta=beta, whiten=False,
+                                    kl_reward_placement=p) for p in ("token", "sequence"))
+    kl = (logp - ref_logp) * mask
+    last = np.array([np.flatnonzero(m).max() for m in mask])
+    expected = np.zeros_like(kl)
+    expected[np.arange(6), last] = scores - beta * kl.sum(1)  # zeros except at the last valid token
+    np.testing.assert_allclose(np.asarray(seq["rewards"]), expected, rtol=1e-5, atol=1e-6)
+    # the same total reward per response in both placements (the return at γ = 1)
+    np.testing.assert_allclose(np.asarray(seq["rewards"]).sum(1), np.asarray(tok["rewards"]).sum(1), atol=1e-5)
+    with pytest.raises(ValueError, match="kl_reward_placement"):
+        compute_ppo_targets(scores, logp, ref_logp, values, mask, beta=beta, kl_reward_placement="sample")
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.7, 1.0])
+def test_sequence_placement_is_potential_shaping(lam):
+    """A critic that subtracts the KL already spent (V_t − β·Σ_{u<t} kl_u) gives the
+    sequence placement exactly the token placement's advantages (γ = 1, any λ)."""
+    scores, logp, ref_logp, values, mask = _random_rollout(seed=2, n=6, t=9)
+    mask[:, 4] = np.where(mask[:, 5] > 0, 0.0, mask[:, 4])  # holes as well
+    beta = 0.5
+    kl = (logp - ref_logp) * mask
+    spent = np.cumsum(kl, axis=1) - kl  # Σ_{u<t} kl_u
+    tok = compute_ppo_targets(scores, logp, ref_logp, values, mask, beta=beta, lam=lam, whiten=False)
+    seq = compute_ppo_targets(scores, logp, ref_logp, (values - beta * spent) * mask, mask, beta=beta, lam=lam,
+                              whiten=False, kl_reward_placement="sequence")
+    np.testing.assert_allclose(np.asarray(seq["advantages"]), np.asarray(tok["advantages"]), atol=1e-5)
 
 
 def _fixed_batch(policy, critic_values_fn, n=6, p=5, t=7, seed=0):
@@ -236,6 +278,15 @@ def test_end_to_end_metrics(tmp_path):
             assert np.isfinite(row[key]), key
     assert isinstance(result.critic, ValueModel)
     assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_sequence_kl_placement_end_to_end(tmp_path):
+    config = base_config(tmp_path, kl_reward_placement="sequence", kl_coef=0.5)
+    h = train(config, policy=tiny_policy(), tokenizer=CharTokenizer(), prompts=PROMPTS, reward_fn=count_reward).history
+    for row in h:
+        assert np.isfinite(row["loss"]) and np.isfinite(row["vf_loss"])
+        # the KL still reaches the reward, summed: non-score reward = −β · (sequence KL)
+        np.testing.assert_allclose(row["non_score_reward"], -0.5 * row["kl"], rtol=1e-4, atol=1e-5)
 
 
 def test_reward_model_shared_critic_kl_in_loss(tmp_path):
