@@ -43,10 +43,10 @@ import sys
 import tempfile
 import time
 
-if "--single-thread" in sys.argv:  # must be set before jax / torch start their thread pools
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
-    os.environ["OMP_NUM_THREADS"] = "1"
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks.single_thread import pin_from_argv  # noqa: E402  (before jax / torch start)
+
+pin_from_argv()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -29,11 +29,14 @@ import sys
 import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks.single_thread import pin_from_argv  # noqa: E402  (before jax / torch start)
+
+pin_from_argv()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from benchmarks.common import device_peaks, emit, run_metadata, torch_device  # noqa: E402
 from jaxrl_llm.models import load_hf  # noqa: E402
@@ -112,6 +115,7 @@ def main(argv=None):
     parser.add_argument("--logprob-chunk", type=int, default=256)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="2 layers, d=64, V=1024, 8 rows × (16 + 48)")
+    parser.add_argument("--single-thread", action="store_true", help="CPU: one thread for XLA and PyTorch")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
@@ -120,7 +124,7 @@ def main(argv=None):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(1 if args.single_thread else os.cpu_count() or 1)
     device = torch_device()
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # XLA's default f32 matmul precision on GPU
@@ -190,7 +194,8 @@ def main(argv=None):
         for key in [k for k in row if k.endswith("_tokens_per_s")]:
             peak = peaks["bf16_flops"] if "bf16" in key else peaks["tf32_flops"]
             row[key.replace("_tokens_per_s", "_mfu")] = row[key] * flops_per_valid_token / peak
-    row.update(run_metadata(args.quick, torch=torch.__version__, torch_device=device))
+    row.update(run_metadata(args.quick, torch=torch.__version__, torch_device=device,
+                            single_thread=args.single_thread))
     emit("train_step", row, save=not args.no_save)
 
 
