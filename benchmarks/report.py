@@ -29,7 +29,8 @@ SPECS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "train_step": (
         ("layers", "dim", "vocab", "rows", "prompt_len", "response_len", "single_thread"),
         ("ours_fp32_tokens_per_s", "torch_fp32_tokens_per_s", "ratio_ours_fp32_over_torch",
-         "ours_bf16_tokens_per_s", "ratio_ours_bf16_over_torch_bf16", "ours_bf16_mfu"),
+         "ours_bf16_tokens_per_s", "ratio_ours_bf16_over_torch_bf16", "ours_bf16_mfu",
+         "ours_fp32_temp_bytes", "ours_fp32_remat_temp_bytes", "ours_bf16_temp_bytes"),
     ),
     "logprobs": (
         ("mode", "V", "T", "D", "chunk_size", "dtype"),

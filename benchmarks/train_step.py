@@ -14,6 +14,10 @@ input embedding, plus PaLM's causal-attention term 6·layers·d·L per token; re
 recompute not counted) per second, over the device's dense peak (TF32 peak for fp32
 variants, bf16 peak for bf16 ones).
 
+Memory: our compiled update's temporary bytes (activations etc.) and total bytes from XLA's
+memory analysis, per variant (remat and bf16 shrink the temporaries); on a GPU also
+PyTorch's peak allocated bytes.
+
 Usage:
   python benchmarks/train_step.py --quick
   python benchmarks/train_step.py --layers 4 --dim 256 --vocab 8192 --rows 16 --len 256
@@ -93,13 +97,16 @@ def torch_step_fn(hf, prompt_len, autocast_bf16=False):
     return logprobs, step
 
 
-def time_calls(fn, reps):
-    times = []
+def time_interleaved(fns: dict, reps: int) -> dict:
+    """Median seconds per call of each (warmed-up) fn; one call of every fn per round, so
+    load from other processes on a shared machine hits all variants alike."""
+    times = {name: [] for name in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main(argv=None):
@@ -158,6 +165,7 @@ def main(argv=None):
     config = GRPOConfig(max_new_tokens=args.len, kl_coef=BETA, clip_low=CLIP, clip_high=CLIP,
                         loss_agg="seq_mean_token_mean", optim=OptimConfig(learning_rate=LR),
                         logprob_chunk_size=args.logprob_chunk)
+    steps = {}  # variant → one timed update (blocking)
     ours_loss = None
     for name, model in variants.items():
         split = split_model(model)
@@ -165,7 +173,7 @@ def main(argv=None):
         update = _make_update(split, tx, _Static(args.prompt_len, config, True, True, False, True))
         state = {"p": split.params, "o": tx.init(split.params)}
 
-        def run():
+        def run(update=update, state=state):
             p, o, _, m = update(state["p"], state["o"], batch, True)
             jax.block_until_ready(p)
             state.update(p=p, o=o)
@@ -174,19 +182,29 @@ def main(argv=None):
         t0 = time.perf_counter()
         m = run()
         row[f"ours_{name}_compile_s"] = time.perf_counter() - t0
+        # XLA's plan for the compiled update: activations and other temporaries (what
+        # remat and bf16 shrink), and the total with arguments and outputs
+        mem = update.lower(state["p"], state["o"], batch, True).compile().memory_analysis()
+        if mem is not None:
+            row[f"ours_{name}_temp_bytes"] = int(mem.temp_size_in_bytes)
+            row[f"ours_{name}_total_bytes"] = int(mem.temp_size_in_bytes + mem.argument_size_in_bytes
+                                                  + mem.output_size_in_bytes - mem.alias_size_in_bytes)
         if name == "fp32":
             ours_loss = float(m["loss"])
-        row[f"ours_{name}_tokens_per_s"] = valid_tokens / time_calls(run, args.reps)
+        steps[f"ours_{name}"] = run
 
     torch_loss = t_step(*torch_batch)
     row["first_loss_ours"], row["first_loss_torch"] = ours_loss, torch_loss
     assert abs(ours_loss - torch_loss) < 1e-3 * max(1.0, abs(torch_loss)), (ours_loss, torch_loss)
-    row["torch_fp32_tokens_per_s"] = valid_tokens / time_calls(lambda: t_step(*torch_batch), args.reps)
-    row["ratio_ours_fp32_over_torch"] = row["ours_fp32_tokens_per_s"] / row["torch_fp32_tokens_per_s"]
+    steps["torch_fp32"] = lambda: t_step(*torch_batch)
     if device == "cuda":  # eager bf16 autocast: the PyTorch counterpart of our bf16 compute
         _, t_step_bf16 = torch_step_fn(hf, args.prompt_len, autocast_bf16=True)
         t_step_bf16(*torch_batch)  # warm-up
-        row["torch_bf16_tokens_per_s"] = valid_tokens / time_calls(lambda: t_step_bf16(*torch_batch), args.reps)
+        steps["torch_bf16"] = lambda: t_step_bf16(*torch_batch)
+    for name, seconds in time_interleaved(steps, args.reps).items():
+        row[f"{name}_tokens_per_s"] = valid_tokens / seconds
+    row["ratio_ours_fp32_over_torch"] = row["ours_fp32_tokens_per_s"] / row["torch_fp32_tokens_per_s"]
+    if "torch_bf16" in steps:
         row["ratio_ours_bf16_over_torch_bf16"] = row["ours_bf16_tokens_per_s"] / row["torch_bf16_tokens_per_s"]
     peaks = device_peaks()
     if peaks is not None:
@@ -194,6 +212,8 @@ def main(argv=None):
         for key in [k for k in row if k.endswith("_tokens_per_s")]:
             peak = peaks["bf16_flops"] if "bf16" in key else peaks["tf32_flops"]
             row[key.replace("_tokens_per_s", "_mfu")] = row[key] * flops_per_valid_token / peak
+    if device == "cuda":  # PyTorch's peak over all its steps above (model, AdamW state, activations)
+        row["torch_peak_bytes"] = int(torch.cuda.max_memory_allocated())
     row.update(run_metadata(args.quick, torch=torch.__version__, torch_device=device,
                             single_thread=args.single_thread))
     emit("train_step", row, save=not args.no_save)
