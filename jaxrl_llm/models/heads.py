@@ -14,7 +14,6 @@ Shapes: B batch, T length, D model dim.
 
 from __future__ import annotations
 
-import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -23,6 +22,7 @@ from jaxrl_llm import ops
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.moe import make_param
 from jaxrl_llm.models.transformer import Transformer
+from jaxrl_llm.ops.checks import check_mask, check_rank, check_same_shape
 
 Array = jax.Array
 POOLS = ("none", "last", "mean")
@@ -36,7 +36,11 @@ def last_valid_index(mask: Array) -> Array:
 
 def pool_values(values: Array, mask: Array, pool: str) -> Array:
     """Pools per-token values [B, T] with mask [B, T] by `pool` (see module docstring)."""
-    chex.assert_equal_shape([values, mask])
+    if pool not in POOLS:
+        raise ValueError(f"pool={pool!r}; expected one of {POOLS}.")
+    check_rank(2, hint="[B, T]", values=values)
+    check_same_shape(values=values, mask=mask)
+    check_mask(mask=mask)
     if pool == "none":
         return values
     if pool == "last":

@@ -260,14 +260,15 @@ def _get_variable(model: nnx.Module, path: Path) -> nnx.Variable:
     return obj
 
 
-def _shape_error(key: str, got, expected, config: ModelConfig) -> ValueError:
+def _shape_error(key: str, got, expected, config: ModelConfig, source: str | None = None) -> ValueError:
+    where = f" ({source})" if source else ""
     return ValueError(
         f"checkpoint tensor {key!r} has shape {tuple(got)} but the config expects "
         f"{tuple(expected)} (hidden_size={config.hidden_size}, vocab_size={config.vocab_size}, "
         f"num_heads={config.num_heads}, num_kv_heads={config.num_kv_heads}, "
         f"head_dim={config.head_dim}, intermediate_size={config.intermediate_size}, "
         f"moe_intermediate_size={config.moe_intermediate_size}, "
-        f"num_experts={config.num_experts}). config.json and the weights do not match."
+        f"num_experts={config.num_experts}). config.json and the weights do not match{where}."
     )
 
 
@@ -360,7 +361,7 @@ def load_hf(
                     spec = by_key[key]
                     shape = tuple(f.get_slice(key).get_shape())
                     if shape != spec.hf_shape:
-                        raise _shape_error(key, shape, spec.hf_shape, config)
+                        raise _shape_error(key, shape, spec.hf_shape, config, source=file)
                     value = spec.to_ours(f.get_tensor(key)).astype(np_dtype)
                     if spec.expert is None:
                         place(spec.path, value)

@@ -37,6 +37,13 @@ from flax import nnx, struct
 
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.moe import MoEMLP, make_param
+from jaxrl_llm.ops.checks import (
+    check_int,
+    check_leading_dim,
+    check_mask,
+    check_rank,
+    check_same_shape,
+)
 
 Array = jax.Array
 ATTENTION_IMPLS = ("xla", "cudnn", "auto", "einsum")
@@ -83,6 +90,14 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
     return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def _check_routing(routing: Array, expected: tuple[int, ...]) -> None:
+    if tuple(routing.shape) != expected:
+        raise ValueError(
+            f"routing has shape {tuple(routing.shape)}, expected [M, B, T, k] = {expected} "
+            "(MoE layers, batch, length, experts per token)"
+        )
 
 
 def make_attention_mask(
@@ -426,20 +441,24 @@ class Transformer(nnx.Module):
         tokens of the same segment, so packed examples never see each other.
         """
         config = self.config
-        chex.assert_rank(tokens, 2)
+        check_rank(2, hint="[B, T]", tokens=tokens)
+        check_int(tokens=tokens)
         b, t = tokens.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.bool_)
-        chex.assert_shape(attention_mask, (b, t))
+        check_same_shape(tokens=tokens, attention_mask=attention_mask)
+        check_mask(attention_mask=attention_mask)
+        if cache is not None:
+            check_leading_dim("tokens", tokens, **{"cache (batch size)": cache.valid})
         token_valid = attention_mask.astype(jnp.bool_)
         if positions is None:
             positions = default_positions(
                 token_valid, None if cache is None else cache.next_position
             )
-        chex.assert_shape(positions, (b, t))
+        check_same_shape(tokens=tokens, positions=positions)
         positions = positions.astype(jnp.int32)
         if routing is not None:
-            chex.assert_shape(routing, (config.num_moe_layers, b, t, config.num_experts_per_tok))
+            _check_routing(routing, (config.num_moe_layers, b, t, config.num_experts_per_tok))
 
         if cache is None:
             index = None
@@ -447,7 +466,6 @@ class Transformer(nnx.Module):
             kv_valid, kv_positions = token_valid, positions
             new_cache = None
         else:
-            chex.assert_shape(cache.valid, (b, None))
             _check_cache_room(cache, t)
             index = cache.index
             q_slots = index + jnp.arange(t)
@@ -469,7 +487,7 @@ class Transformer(nnx.Module):
         for window in {blk.window for blk in self.layers}:
             masks[window] = make_attention_mask(q_slots, positions, kv_valid, kv_positions, window)
             if segment_ids is not None:
-                chex.assert_shape(segment_ids, (b, t))
+                check_same_shape(tokens=tokens, segment_ids=segment_ids)
                 same = segment_ids[:, :, None] == segment_ids[:, None, :]
                 masks[window] = masks[window] & (same | jnp.eye(t, dtype=bool)[None])
 

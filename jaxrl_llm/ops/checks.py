@@ -1,8 +1,16 @@
 """Trace-time input checks for the ops: errors that name the argument and say what was
-expected (shapes are static under jit, so these cost nothing at run time)."""
+expected (shapes are static under jit, so these cost nothing at run time).
+
+Mask policy: a mask is a bool, integer or float array holding only 0 and 1 (1 = the
+position counts). Its dtype is checked always; its values only when it is concrete
+(outside jit), since a traced value cannot be inspected. To weight tokens, multiply the
+loss, not the mask: the aggregations divide by the mask's sum.
+"""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -10,9 +18,10 @@ def _shape(x) -> tuple[int, ...]:
     return tuple(np.shape(x))
 
 
-def check_rank(rank: int, **arrays) -> None:
-    """Every named array has ``rank`` dimensions (``shape_hint`` in the message)."""
-    letters = {1: "[B]", 2: "[B, T]", 3: "[B, T, V]"}.get(rank, f"rank {rank}")
+def check_rank(rank: int, *, hint: str | None = None, **arrays) -> None:
+    """Every named array has ``rank`` dimensions; ``hint`` (e.g. "[B, T, D]") names the
+    expected axes in the message (default: [B], [B, T], [B, T, V] by rank)."""
+    letters = hint or {1: "[B]", 2: "[B, T]", 3: "[B, T, V]"}.get(rank, f"rank {rank}")
     for name, x in arrays.items():
         if len(_shape(x)) != rank:
             raise ValueError(f"{name} must be {letters} (rank {rank}), got shape {_shape(x)}")
@@ -28,11 +37,48 @@ def check_same_shape(**arrays) -> None:
             )
 
 
-def check_leading_dim(reference: str, ref_x, **arrays) -> None:
-    """The named arrays' first dimension equals ``ref_x``'s (e.g. [B] scores vs [B, T])."""
+def check_leading_dim(reference: str, ref_x, *, dims: int = 1, **arrays) -> None:
+    """The named arrays' first ``dims`` dimensions equal ``ref_x``'s (e.g. [B] scores vs
+    [B, T] mask; [B, T] tokens vs [B, T, V] logits with dims=2)."""
+    what = "first dimension" if dims == 1 else f"first {dims} dimensions"
     for name, x in arrays.items():
-        if _shape(x)[:1] != _shape(ref_x)[:1]:
+        if _shape(x)[:dims] != _shape(ref_x)[:dims]:
             raise ValueError(
-                f"{name} has shape {_shape(x)}: its first dimension must match {reference} "
+                f"{name} has shape {_shape(x)}: its {what} must match {reference} "
                 f"(shape {_shape(ref_x)})"
+            )
+
+
+def _dtype(x):
+    """The dtype of an array, tracer or nested list (without copying device arrays)."""
+    dtype = getattr(x, "dtype", None)
+    return dtype if dtype is not None else np.asarray(x).dtype
+
+
+def check_int(**arrays) -> None:
+    """The named arrays hold integers (token ids, lengths), not floats."""
+    for name, x in arrays.items():
+        if not jnp.issubdtype(_dtype(x), jnp.integer):
+            raise ValueError(f"{name} must be an integer array (token ids), got dtype {_dtype(x)}")
+
+
+def check_mask(**masks) -> None:
+    """Each named mask is bool / int / float with values in {0, 1} (see module docstring).
+
+    Values are checked only for concrete arrays: a tracer (under jit) has none to read.
+    """
+    for name, m in masks.items():
+        dtype = _dtype(m)
+        if not any(jnp.issubdtype(dtype, kind) for kind in (jnp.bool_, jnp.integer, jnp.floating)):
+            raise ValueError(f"{name} must be a bool, int or float mask of 0/1, got dtype {dtype}")
+        if isinstance(m, jax.core.Tracer) or not getattr(m, "is_fully_addressable", True):
+            continue
+        values = np.asarray(m)
+        if jnp.issubdtype(dtype, jnp.bool_) or values.size == 0:
+            continue
+        bad = ~((values == 0) | (values == 1))
+        if np.any(bad):
+            raise ValueError(
+                f"{name} must hold only 0 and 1 (1 = the position counts), found "
+                f"{np.unique(values[bad])[:5].tolist()}; to weight positions, scale the loss instead"
             )

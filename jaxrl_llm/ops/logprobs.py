@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import numbers
 
-import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["token_logprobs", "entropy_from_logits", "logprobs_from_hidden"]
+from jaxrl_llm.ops.checks import check_int, check_leading_dim, check_rank
+
+__all__ = ["entropy_from_logits", "logprobs_from_hidden", "token_logprobs"]
 
 # Contract the last axis of the left operand with the first axis of the right one.
 _MATMUL_DIMS = (((1,), (0,)), ((), ()))
@@ -49,13 +50,6 @@ def _gather_tokens(values: jax.Array, tokens: jax.Array) -> jax.Array:
     return jnp.where(valid, picked[..., 0], jnp.nan)
 
 
-def _check_tokens_dtype(tokens: jax.Array) -> None:
-    if not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(
-            f"`tokens` must be an integer array of token ids, got dtype {tokens.dtype}."
-        )
-
-
 def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     """Log-probability of each chosen token under the softmax of its logits.
 
@@ -73,10 +67,10 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     Returns:
         logprobs: `[B, T]` float32, each ≤ 0.
     """
-    chex.assert_rank(logits, 3)
-    chex.assert_rank(tokens, 2)
-    chex.assert_equal_shape_prefix([logits, tokens], 2)
-    _check_tokens_dtype(tokens)
+    check_rank(3, hint="[B, T, V]", logits=logits)
+    check_rank(2, hint="[B, T]", tokens=tokens)
+    check_leading_dim("logits", logits, dims=2, tokens=tokens)
+    check_int(tokens=tokens)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return _gather_tokens(logp, tokens)
 
@@ -97,7 +91,7 @@ def entropy_from_logits(logits: jax.Array) -> jax.Array:
     Returns:
         entropy: `[B, T]` float32, in `[0, log V]`.
     """
-    chex.assert_rank(logits, 3)
+    check_rank(3, hint="[B, T, V]", logits=logits)
     # Shift by the row max first: lse and Σ p·z share any common offset, which would
     # otherwise cancel catastrophically (logits ~1e4 lose 3 digits in float32).
     logits = logits.astype(jnp.float32)
@@ -245,11 +239,11 @@ def logprobs_from_hidden(
         logprobs: `[B, T]` float32.
         entropy: `[B, T]` float32.
     """
-    chex.assert_rank(hidden, 3)
-    chex.assert_rank(unembed, 2)
-    chex.assert_rank(tokens, 2)
-    chex.assert_equal_shape_prefix([hidden, tokens], 2)
-    _check_tokens_dtype(tokens)
+    check_rank(3, hint="[B, T, D]", hidden=hidden)
+    check_rank(2, hint="[D, V]", unembed=unembed)
+    check_rank(2, hint="[B, T]", tokens=tokens)
+    check_leading_dim("hidden", hidden, dims=2, tokens=tokens)
+    check_int(tokens=tokens)
     if hidden.shape[-1] != unembed.shape[0]:
         raise ValueError(
             f"`unembed` must have shape [D, V] with D = hidden.shape[-1] = {hidden.shape[-1]}, "
@@ -259,7 +253,7 @@ def logprobs_from_hidden(
     if not is_int or chunk_size <= 0:
         raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}.")
 
-    batch, length, dim = hidden.shape
+    batch, length, _ = hidden.shape
     num_tokens = batch * length
     if num_tokens == 0:
         empty = jnp.zeros((batch, length), jnp.float32)

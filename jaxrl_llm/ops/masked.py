@@ -12,7 +12,7 @@ from __future__ import annotations
 import chex
 import jax.numpy as jnp
 
-from jaxrl_llm.ops.checks import check_rank, check_same_shape
+from jaxrl_llm.ops.checks import check_mask, check_rank, check_same_shape
 
 AGGREGATION_MODES = (
     "token_mean",
@@ -130,6 +130,7 @@ def aggregate_loss(
     _check_mode(mode)
     check_rank(2, loss_mat=loss_mat)
     check_same_shape(loss_mat=loss_mat, mask=mask)
+    check_mask(mask=mask)
     loss_mat = upcast(loss_mat)
     m = upcast(mask)
     if mode == "token_mean":

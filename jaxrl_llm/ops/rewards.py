@@ -7,7 +7,7 @@ from __future__ import annotations
 import chex
 import jax.numpy as jnp
 
-from jaxrl_llm.ops.checks import check_rank, check_same_shape
+from jaxrl_llm.ops.checks import check_mask, check_rank, check_same_shape
 from jaxrl_llm.ops.masked import masked_mean, masked_sum, upcast
 
 
@@ -64,6 +64,7 @@ def sequence_logprobs(
     """
     check_rank(2, token_logp=token_logp)
     check_same_shape(token_logp=token_logp, mask=mask)
+    check_mask(mask=mask)
     if length_normalize:
         return masked_mean(token_logp, mask, axis=-1)
     return masked_sum(token_logp, mask, axis=-1)

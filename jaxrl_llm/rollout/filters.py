@@ -41,6 +41,13 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from jaxrl_llm.ops.checks import (
+    check_leading_dim,
+    check_mask,
+    check_rank,
+    check_same_shape,
+)
+
 # Value written into filtered-out logits (see the module docstring for why it is finite).
 FILTER_VALUE = -1e30
 
@@ -51,7 +58,7 @@ def _is_static(value) -> bool:
 
 
 def _check_logits(logits: chex.Array) -> jax.Array:
-    chex.assert_rank(logits, 2)
+    check_rank(2, hint="[B, V]", logits=logits)
     return jnp.asarray(logits, jnp.float32)
 
 
@@ -247,9 +254,10 @@ def repetition_penalty(
     if not _is_static(penalty) or not penalty > 0:
         raise ValueError(f"penalty must be a float > 0 (1 disables it), got {penalty!r}")
     logits = _check_logits(logits)
-    chex.assert_rank([prev_tokens, prev_mask], 2)
-    chex.assert_equal_shape([prev_tokens, prev_mask])
-    chex.assert_equal_shape_prefix([logits, prev_tokens], 1)
+    check_rank(2, hint="[B, L]", prev_tokens=prev_tokens, prev_mask=prev_mask)
+    check_same_shape(prev_tokens=prev_tokens, prev_mask=prev_mask)
+    check_mask(prev_mask=prev_mask)
+    check_leading_dim("logits", logits, prev_tokens=prev_tokens)
     batch, vocab = logits.shape
     tokens = jnp.asarray(prev_tokens, jnp.int32)
     valid = (jnp.asarray(prev_mask) > 0) & (tokens >= 0) & (tokens < vocab)

@@ -18,7 +18,8 @@ point mass and ``logprobs`` is 0.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ from flax import nnx, struct
 
 from jaxrl_llm.data.padding import bucket_length
 from jaxrl_llm.ops.advantages import last_valid_index
+from jaxrl_llm.ops.checks import check_int, check_mask
 from jaxrl_llm.rollout.filters import sample_token, validate_sampling_args
 
 
@@ -114,6 +116,8 @@ def _validate(prompts, prompt_mask, max_new_tokens, num_samples, temperature, to
         raise ValueError(
             f"prompt_mask must have the shape of prompts {prompts.shape}, got {prompt_mask.shape}"
         )
+    check_int(prompts=prompts)
+    check_mask(prompt_mask=prompt_mask)
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if not isinstance(num_samples, int) or num_samples <= 0:
@@ -122,6 +126,23 @@ def _validate(prompts, prompt_mask, max_new_tokens, num_samples, temperature, to
     lengths = np.asarray(prompt_mask).sum(axis=1)
     if np.any(lengths == 0):
         raise ValueError(f"every prompt needs at least one token; empty prompt rows: {np.where(lengths == 0)[0].tolist()}")
+
+
+def _check_context(model: Any, prompt_mask: np.ndarray, max_new_tokens: int) -> None:
+    """The longest prompt plus max_new_tokens fits the model's context window (positions
+    beyond ``max_position_embeddings`` were never trained and RoPE scaling assumes them)."""
+    window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if window is None:
+        return
+    lengths = np.asarray(prompt_mask).sum(axis=1)
+    longest = int(lengths.max())
+    if longest + max_new_tokens > window:
+        rows = np.where(lengths + max_new_tokens > window)[0].tolist()
+        raise ValueError(
+            f"prompts too long for the context window: the longest prompt has {longest} tokens "
+            f"+ max_new_tokens={max_new_tokens} > max_position_embeddings={window} "
+            f"(rows {rows[:8]}); truncate the prompts (data max_prompt_len) or lower max_new_tokens"
+        )
 
 
 def generate(
@@ -172,6 +193,7 @@ def generate(
     prompts = np.asarray(prompts)
     prompt_mask = np.asarray(prompt_mask)
     _validate(prompts, prompt_mask, max_new_tokens, num_samples, temperature, top_k, top_p, min_p)
+    _check_context(model, prompt_mask, max_new_tokens)
     batch, plen = prompts.shape
     padded = bucket_length(plen, prompt_bucket or None)
     if padded > plen:  # extra columns are masked out, so either padding side still works

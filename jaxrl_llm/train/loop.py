@@ -19,6 +19,7 @@ position as the uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import signal
@@ -28,10 +29,11 @@ from typing import Any
 
 from flax import nnx
 
-from jaxrl_llm.train.checkpoint import Checkpointer
+from jaxrl_llm.train.checkpoint import Checkpointer, CheckpointMismatchError
 from jaxrl_llm.train.config import save_config
 from jaxrl_llm.train.guard import NonFiniteGuard
 from jaxrl_llm.train.metrics import MetricsLogger, read_metrics
+from jaxrl_llm.train.storage import check_free_space, prepare_output_dir, tree_nbytes
 
 
 class TrainingInterrupted(RuntimeError):
@@ -96,9 +98,12 @@ class TrainLoop:
 
     def __init__(self, config: Any, run: RunConfig, desc: str = "train"):
         self.run = run
-        self.output_dir = Path(run.output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, self.output_dir / "config.yaml")
+        # Fail before any compute when the folder cannot be written (StorageError).
+        self.output_dir = prepare_output_dir(run.output_dir)
+        config_path = self.output_dir / "config.yaml"
+        # Kept to explain a checkpoint that does not fit the new config (see start()).
+        self._saved_config = config_path.read_text() if run.resume and config_path.exists() else None
+        save_config(config, config_path)
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", max_to_keep=run.keep_checkpoints)
         self.guard = NonFiniteGuard(run.max_consecutive_nonfinite)
         self.history: list[dict] = []
@@ -116,9 +121,13 @@ class TrainLoop:
         """Returns (state, first step). Restores the latest checkpoint when resuming;
         otherwise starts fresh (an existing metrics.jsonl is replaced)."""
         state, start = init_state, 0
+        check_free_space(self.output_dir, tree_nbytes(init_state))
         latest = self.checkpointer.latest_step() if self.run.resume else None
         if latest is not None:
-            state, self.meta = self.checkpointer.restore(init_state, latest)
+            try:
+                state, self.meta = self.checkpointer.restore(init_state, latest)
+            except CheckpointMismatchError as err:
+                raise CheckpointMismatchError(f"{err}{self._config_changes()}") from err
             self.guard.load_state_dict(self.meta.get("guard", {}))
             start = latest
             # Steps logged after the checkpoint are re-run: drop their lines.
@@ -137,6 +146,21 @@ class TrainLoop:
         )
         self._install_signal_handlers()
         return state, start
+
+    def _config_changes(self) -> str:
+        """The config.yaml lines that differ from the run that wrote the checkpoints."""
+        if self._saved_config is None:
+            return ""
+        new = (self.output_dir / "config.yaml").read_text().splitlines()
+        diff = difflib.unified_diff(self._saved_config.splitlines(), new, lineterm="", n=0)
+        changed = [
+            line
+            for line in diff
+            if line[:1] in "+-" and line[:3] not in ("+++", "---") and "resume:" not in line
+        ]
+        if not changed:
+            return ""
+        return "\nconfig.yaml changed since the checkpoint was written (- saved, + now):\n  " + "\n  ".join(changed[:20])
 
     def _install_signal_handlers(self) -> None:
         """SIGTERM / SIGINT (pre-emption, Ctrl-C) finish the current step, write a

@@ -143,7 +143,7 @@ def test_aux_loss_is_layer_mean_and_dense_is_zero():
 def test_replay_shape_is_checked():
     model = _moe_model()
     tokens = jnp.zeros((3, 12), jnp.int32)
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match=r"routing has shape \(2, 3, 12, 3\), expected \[M, B, T, k\]"):
         model.forward(tokens, routing=jnp.zeros((2, 3, 12, 3), jnp.int32))
 
 

@@ -236,10 +236,16 @@ def test_params_carry_logical_axis_names():
 
 def test_bad_inputs_raise():
     model = _model()
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match=r"tokens must be \[B, T\] \(rank 2\), got shape \(2, 3, 4\)"):
         model(jnp.zeros((2, 3, 4), jnp.int32))
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(3, 11\), expected \(3, 12\) \(the shape of tokens\)"):
         model(jnp.zeros((3, 12), jnp.int32), attention_mask=jnp.ones((3, 11)))
+    with pytest.raises(ValueError, match=r"attention_mask must hold only 0 and 1.*found \[0.5\]"):
+        model(jnp.zeros((3, 12), jnp.int32), attention_mask=jnp.full((3, 12), 0.5))
+    with pytest.raises(ValueError, match="tokens must be an integer array"):
+        model(jnp.zeros((3, 12), jnp.float32))
+    with pytest.raises(ValueError, match=r"positions has shape \(3, 5\), expected \(3, 12\)"):
+        model(jnp.zeros((3, 12), jnp.int32), jnp.zeros((3, 5), jnp.int32))
     with pytest.raises(ValueError, match="attention_impl"):
         CausalLM(_config(), rngs=nnx.Rngs(0), attention_impl="flash")
 

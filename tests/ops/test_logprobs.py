@@ -12,7 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
 
-from jaxrl_llm.ops.logprobs import entropy_from_logits, logprobs_from_hidden, token_logprobs
+from jaxrl_llm.ops.logprobs import (
+    entropy_from_logits,
+    logprobs_from_hidden,
+    token_logprobs,
+)
 
 # --------------------------------------------------------------------------------------
 # Independent references: plain loops over (b, t), float64, from the definitions.
@@ -142,13 +146,13 @@ class FromLogitsTest(chex.TestCase):
 
     def test_bad_inputs(self):
         logits = jnp.zeros((2, 3, 5))
-        with pytest.raises(AssertionError):
+        with pytest.raises(ValueError, match=r"logits must be \[B, T, V\] \(rank 3\), got shape \(3, 5\)"):
             token_logprobs(logits[0], jnp.zeros((3,), jnp.int32))
-        with pytest.raises(AssertionError):
+        with pytest.raises(ValueError, match=r"tokens has shape \(2, 4\): its first 2 dimensions must match logits \(shape \(2, 3, 5\)\)"):
             token_logprobs(logits, jnp.zeros((2, 4), jnp.int32))
-        with pytest.raises(ValueError, match="tokens"):
+        with pytest.raises(ValueError, match="tokens must be an integer array"):
             token_logprobs(logits, jnp.zeros((2, 3), jnp.float32))
-        with pytest.raises(AssertionError):
+        with pytest.raises(ValueError, match=r"logits must be \[B, T, V\]"):
             entropy_from_logits(logits[0])
 
 
@@ -309,10 +313,12 @@ def test_from_hidden_bad_args():
         logprobs_from_hidden(hidden, unembed.T, tokens)
     with pytest.raises(ValueError, match="tokens"):
         logprobs_from_hidden(hidden, unembed, tokens.astype(jnp.float32))
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match=r"tokens has shape \(2, 2\): its first 2 dimensions must match hidden"):
         logprobs_from_hidden(hidden, unembed, tokens[:, :2])
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match=r"hidden must be \[B, T, D\] \(rank 3\)"):
         logprobs_from_hidden(hidden[0], unembed, tokens)
+    with pytest.raises(ValueError, match=r"unembed must be \[D, V\] \(rank 2\)"):
+        logprobs_from_hidden(hidden, unembed[0], tokens)
 
 
 # --------------------------------------------------------------------------------------
