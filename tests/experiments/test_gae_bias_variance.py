@@ -1,25 +1,14 @@
 """The GAE bias/variance experiment runs in --quick mode and shows its claims."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.experiments.helpers import run_quick
 
 
 @pytest.mark.slow
 def test_gae_bias_variance_quick(tmp_path):
-    subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "gae_bias_variance.py"), "--quick", "--out", str(tmp_path)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    out = tmp_path / "gae_bias_variance"
-    summary = json.loads((out / "summary.json").read_text())
+    out, summary = run_quick("gae_bias_variance", tmp_path, timeout=300)
     assert (out / "gae_bias_variance.png").stat().st_size > 10_000
     assert len((out / "metrics.jsonl").read_text().splitlines()) == len(summary["lambdas"]) == 5
     assert summary["bias_decreases_with_lambda"]  # critic error leaks in less as λ → 1

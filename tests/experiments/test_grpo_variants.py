@@ -2,21 +2,15 @@
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.experiments.helpers import run_quick
 
 
 @pytest.mark.slow
 def test_grpo_variants_quick(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "experiments" / "grpo_variants.py"), "--quick", "--out", str(tmp_path)],
-                   check=True, capture_output=True, timeout=600)
-    out = tmp_path / "grpo_variants"
-    summary = json.loads((out / "summary.json").read_text())
+    out, summary = run_quick("grpo_variants", tmp_path)
     assert (out / "grpo_variants.png").stat().st_size > 10_000
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 5 * summary["steps"]

@@ -1,25 +1,14 @@
 """The KL-estimator experiment runs in --quick mode and shows its claims."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.experiments.helpers import run_quick
 
 
 @pytest.mark.slow
 def test_kl_estimators_quick(tmp_path):
-    subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "kl_estimators.py"), "--quick", "--out", str(tmp_path)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    out = tmp_path / "kl_estimators"
-    summary = json.loads((out / "summary.json").read_text())
+    out, summary = run_quick("kl_estimators", tmp_path, timeout=300)
     assert (out / "kl_estimators.png").stat().st_size > 10_000
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 6
     assert summary["k1_unbiased"] and summary["k3_unbiased"]

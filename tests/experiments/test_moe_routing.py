@@ -1,23 +1,16 @@
 """MoE routing: without replay the training forward routes some tokens to other experts
 than the rollout did; routing replay makes that fraction exactly 0."""
 
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.experiments.helpers import run_quick
 
 
 @pytest.mark.slow
 def test_moe_routing_quick(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "experiments" / "moe_routing.py"), "--quick", "--out", str(tmp_path)],
-                   check=True, capture_output=True, timeout=600)
-    out = tmp_path / "moe_routing"
-    summary = json.loads((out / "summary.json").read_text())
+    out, summary = run_quick("moe_routing", tmp_path)
     assert (out / "moe_routing.png").stat().st_size > 10_000
     arms = summary["arms"]
     assert arms["grpo + routing replay"]["routing_change_max"] == 0.0

@@ -1,21 +1,14 @@
 """Soft overlong punishment keeps responses out of the penalty buffer and away from the cap."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.experiments.helpers import run_quick
 
 
 @pytest.mark.slow
 def test_overlong_penalty_quick(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "experiments" / "overlong_penalty.py"), "--quick", "--out",
-                    str(tmp_path)], check=True, capture_output=True, timeout=600)
-    out = tmp_path / "overlong_penalty"
-    summary = json.loads((out / "summary.json").read_text())
+    out, summary = run_quick("overlong_penalty", tmp_path)
     assert (out / "overlong_penalty.png").stat().st_size > 10_000
     plain = summary["arms"]["no length penalty"]
     soft = summary["arms"][f"soft overlong punishment (buffer {summary['buffer']})"]

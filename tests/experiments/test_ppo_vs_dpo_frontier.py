@@ -3,13 +3,10 @@
 import itertools
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.experiments.helpers import run_quick
 
 
 def _decreasing_beyond_noise(runs: dict, betas: list) -> list[tuple]:
@@ -25,17 +22,11 @@ def _decreasing_beyond_noise(runs: dict, betas: list) -> list[tuple]:
 
 @pytest.mark.slow
 def test_ppo_vs_dpo_frontier_quick(tmp_path):
-    subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "ppo_vs_dpo_frontier.py"), "--quick", "--out", str(tmp_path)],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    out = tmp_path / "ppo_vs_dpo_frontier"
+    out, summary = run_quick("ppo_vs_dpo_frontier", tmp_path)
     assert (out / "ppo_vs_dpo_frontier.png").stat().st_size > 10_000
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["method"] for r in rows} == {"sft", "ppo", "dpo"}
-    check_claims(json.loads((out / "summary.json").read_text()))
+    check_claims(summary)
 
 
 def check_claims(summary: dict) -> None:

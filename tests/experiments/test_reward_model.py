@@ -1,25 +1,15 @@
 """The reward-model experiment runs in --quick mode and shows its claims."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.experiments.helpers import run_quick
 
 
 @pytest.mark.slow
 def test_reward_model_quick(tmp_path):
-    subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "reward_model.py"), "--quick", "--out", str(tmp_path)],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    out = tmp_path / "reward_model"
-    summary = json.loads((out / "summary.json").read_text())
+    out, summary = run_quick("reward_model", tmp_path)
     assert (out / "reward_model.png").stat().st_size > 10_000
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["part"] for r in rows} == {"size", "ties", "length"}

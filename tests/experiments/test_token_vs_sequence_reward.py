@@ -1,24 +1,17 @@
 """The token- vs sequence-level KL reward experiment runs in --quick mode and shows its claims."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.experiments.helpers import run_quick
 
 
 @pytest.mark.slow
 def test_token_vs_sequence_reward_quick(tmp_path):
-    subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "token_vs_sequence_reward.py"), "--quick", "--out", str(tmp_path)],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    run_quick("token_vs_sequence_reward", tmp_path)
     check_claims(tmp_path / "token_vs_sequence_reward")
 
 

@@ -1,22 +1,15 @@
 """Zero-variance groups: plain GRPO trains on them, dynamic sampling never does (at a
 measured generation cost)."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.experiments.helpers import run_quick
 
 
 @pytest.mark.slow
 def test_zero_variance_groups_quick(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "experiments" / "zero_variance_groups.py"), "--quick", "--out",
-                    str(tmp_path)], check=True, capture_output=True, timeout=600)
-    out = tmp_path / "zero_variance_groups"
-    summary = json.loads((out / "summary.json").read_text())
+    out, summary = run_quick("zero_variance_groups", tmp_path)
     assert (out / "zero_variance_groups.png").stat().st_size > 10_000
     plain, ds = summary["arms"]["grpo"], summary["arms"]["grpo + dynamic sampling"]
     # plain GRPO: a sizeable share of its update batch carries no signal
