@@ -7,7 +7,12 @@ entropy collapses. DAPO decouples the bounds, ε_high = 0.28. Same GRPO setup (n
 token_mean) and warm start, several inner updates per batch (μ = 4) so that clipping is
 actually active; the only change is clip_high.
 
-Run:  python experiments/clip_higher_entropy.py [--quick]
+Part B (mechanism, seconds): a tabular softmax bandit (4 positions × V = 50; token 0
+dominant with reward 0.5, 2 rare "good" tokens with reward 1, the rest 0), GRPO groups,
+μ = 8 Adam inner steps on the real ``ops.ppo_policy_loss`` with old log-probs fixed,
+many seeds; compares the mass of the initially rare good tokens and the entropy.
+
+Run:  python experiments/clip_higher_entropy.py [--quick] [--part {a,b,all}]
 Writes results/clip_higher_entropy/{metrics.jsonl, summary.json, clip_higher_entropy.png}.
 """
 
@@ -19,25 +24,112 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import reasoning_common as rc
 from common import ExperimentWriter, experiment_args
 
+from jaxrl_llm import ops
+
 ARMS = {"symmetric 0.2/0.2": 0.2, "clip-higher 0.2/0.28": 0.28}
-SHARED = dict(kl_coef=0.0, loss_agg="token_mean", num_inner_updates=4, clip_low=0.2)
+SHARED = {"kl_coef": 0.0, "loss_agg": "token_mean", "num_inner_updates": 4, "clip_low": 0.2}
+
+
+def make_bandit_run(clip_high: float, *, steps: int, groups: int = 8, group_size: int = 8, positions: int = 4,
+                    vocab: int = 50, num_good: int = 2, inner: int = 8, lr: float = 0.1, clip_low: float = 0.2):
+    """Jitted, seed-vmapped GRPO + PPO-clip run of a tabular softmax policy (logits [T, V]).
+
+    Returns:
+      fn(keys: [S, 2]) -> (entropy, good_mass): [S, steps] float32 mean token entropy and
+      probability mass of the initially rare good tokens after each step.
+    """
+    init = jnp.zeros((positions, vocab)).at[:, 0].set(5.0)  # token 0 ≈ 75 %, good tokens ≈ 0.5 % each
+    reward_table = jnp.zeros(vocab).at[0].set(0.5).at[1:1 + num_good].set(1.0)
+    opt = optax.adam(lr)
+    batch = groups * group_size
+    mask = jnp.ones((batch, positions))
+
+    def token_logp(logits, tokens):
+        logq = jnp.broadcast_to(jax.nn.log_softmax(logits), (batch, positions, vocab))
+        return jnp.take_along_axis(logq, tokens[..., None], -1)[..., 0]  # [B, T]
+
+    def step(carry, key):
+        logits, opt_state = carry
+        # sample
+        tokens = jax.random.categorical(key, jnp.broadcast_to(logits, (batch, positions, vocab)))  # [B, T]
+        old_logp = token_logp(logits, tokens)
+        # score + advantages
+        adv = ops.group_advantages(reward_table[tokens].mean(-1), group_size)
+
+        # update: μ inner steps against fixed old log-probs, so the ratio leaves 1 and the clip acts
+        def inner_step(c, _):
+            lg, st = c
+            grad = jax.grad(lambda x: ops.ppo_policy_loss(token_logp(x, tokens), old_logp, adv, mask,
+                                                          clip_low=clip_low, clip_high=clip_high)[0])(lg)
+            updates, st = opt.update(grad, st, lg)
+            return (optax.apply_updates(lg, updates), st), None
+
+        (logits, opt_state), _ = jax.lax.scan(inner_step, (logits, opt_state), None, length=inner)
+        p = jax.nn.softmax(logits)
+        entropy = -(p * jax.nn.log_softmax(logits)).sum(-1).mean()
+        return (logits, opt_state), (entropy, p[:, 1:1 + num_good].sum(-1).mean())
+
+    def run(key):
+        _, out = jax.lax.scan(step, (init, opt.init(init)), jax.random.split(key, steps))
+        return out
+
+    return jax.jit(jax.vmap(run))
+
+
+def mechanism(writer, *, seed: int, quick: bool) -> dict:
+    """Part B: entropy and good-token mass, symmetric vs clip-higher, same seeds (paired)."""
+    steps, n_seeds = (50, 16) if quick else (100, 32)
+    keys = jax.random.split(jax.random.PRNGKey(seed), n_seeds)
+    res = {arm: tuple(np.asarray(x, np.float64) for x in make_bandit_run(ch, steps=steps)(keys))
+           for arm, ch in ARMS.items()}
+    plt = rc.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, arm in enumerate(ARMS):
+        for ax, y in zip(axes, res[arm]):
+            ax.plot(y.mean(0), color=f"C{i}", label=arm)
+            ax.fill_between(np.arange(steps), y.min(0), y.max(0), color=f"C{i}", alpha=0.12)
+    axes[0].set(xlabel="step", ylabel="mean token entropy", title="bandit entropy (band: min–max over seeds)")
+    axes[1].set(xlabel="step", ylabel="probability mass", title="mass of initially rare good tokens")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(writer.plot_path("clip_higher_entropy_mechanism.png"), dpi=110)
+    sym, high = ARMS
+    out = {"steps": steps, "num_seeds": n_seeds, "arms": {}}
+    for j, key in enumerate(("entropy", "good_mass")):
+        gap = res[high][j].mean(1) - res[sym][j].mean(1)  # [S] paired per-seed gap of the run mean
+        out[f"{key}_gap_mean"], out[f"{key}_gap_positive_fraction"] = float(gap.mean()), float((gap > 0).mean())
+        for arm in ARMS:
+            out["arms"].setdefault(arm, {})[f"{key}_mean"] = rc.mean_std(res[arm][j].mean(1).tolist())
+            out["arms"][arm][f"{key}_final"] = rc.mean_std(res[arm][j][:, -1].tolist())
+        print(f"[B] {key}: clip-higher − symmetric = {gap.mean():+.4f} (positive in {(gap > 0).mean():.0%} of seeds)")
+    return out
 
 
 def main() -> None:
     parser = experiment_args(__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("a", "b", "all"), default="all", help="a: LM run, b: mechanism")
     parser.add_argument("--inner-updates", type=int, default=SHARED["num_inner_updates"], help="μ per batch")
     parser.add_argument("--learning-rate", type=float, default=rc.LEARNING_RATE)
     parser.add_argument("--steps", type=int, default=None, help="RL steps (default 40, --quick 8)")
     args = parser.parse_args()
     rc.enable_compile_cache()
+    writer = ExperimentWriter(args.out, "clip_higher_entropy")
+    mech = mechanism(writer, seed=args.seed, quick=args.quick) if args.part in ("b", "all") else None
+    if args.part == "b":
+        print(f"wrote {writer.summary({'mechanism': mech})}")
+        return
     steps, seeds = (8, [args.seed]) if args.quick else (40, [args.seed + i for i in range(3)])
     steps = args.steps or steps
     shared = {**SHARED, "num_inner_updates": args.inner_updates, "optim": rc.OptimConfig(learning_rate=args.learning_rate)}
-    writer = ExperimentWriter(args.out, "clip_higher_entropy")
     train_records, held_out = rc.make_task()
     t_start = time.perf_counter()
 
@@ -79,7 +171,7 @@ def main() -> None:
     sym, high = ARMS
     per_seed_gap = (stat(high, "entropy").mean(1) - stat(sym, "entropy").mean(1)).tolist()
     summary = {"steps": steps, "seeds": seeds, "num_inner_updates": args.inner_updates,
-               "learning_rate": args.learning_rate, "arms": {}, "entropy_gap_per_seed": per_seed_gap}
+               "learning_rate": args.learning_rate, "mechanism": mech, "arms": {}, "entropy_gap_per_seed": per_seed_gap}
     for arm in ARMS:
         e = stat(arm, "entropy")
         summary["arms"][arm] = {
