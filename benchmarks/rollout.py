@@ -53,8 +53,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 from benchmarks.common import device_peaks, emit, run_metadata, torch_device  # noqa: E402
 from jaxrl_llm.models import load_hf  # noqa: E402
 from jaxrl_llm.rollout import generate  # noqa: E402
@@ -245,7 +243,7 @@ def main(argv=None):
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="weights and activations of both sides")
+                        help="weights and activations of every side")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--check-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
