@@ -161,6 +161,7 @@ def generate(
     rng: jax.Array,
     return_raw_logprobs: bool = False,
     prompt_bucket: int = 32,
+    decode_window: int = 64,
     mesh: Any = None,
 ) -> Rollout:
     """Samples ``num_samples`` responses per prompt.
@@ -183,6 +184,10 @@ def generate(
       rng: PRNG key.
       return_raw_logprobs: also return temperature-1 unfiltered policy log-probs.
       prompt_bucket: pad P up to a multiple of this (0: no bucketing).
+      decode_window: new tokens of the first KV-cache window; later windows double, so a
+        decode step attends over at most prompt + 2·max(step, decode_window) slots
+        instead of prompt + max_new_tokens (``decode_windows``). Budgets up to twice
+        this are one window (one compiled loop).
       mesh: a ``parallel.make_mesh`` mesh: prompts, the KV cache and every output row are
         split over its batch axes (data × fsdp), so each device decodes its own rows
         (place the params with ``parallel.shard_model`` first). None: no constraint.
@@ -194,6 +199,9 @@ def generate(
     prompt_mask = np.asarray(prompt_mask)
     _validate(prompts, prompt_mask, max_new_tokens, num_samples, temperature, top_k, top_p, min_p)
     _check_context(model, prompt_mask, max_new_tokens)
+    if isinstance(decode_window, bool) or not isinstance(decode_window, int) or decode_window < 1:
+        raise ValueError(f"decode_window must be a positive int (new tokens of the first cache window), "
+                         f"got {decode_window!r}")
     batch, plen = prompts.shape
     padded = bucket_length(plen, prompt_bucket or None)
     if padded > plen:  # extra columns are masked out, so either padding side still works
@@ -225,7 +233,31 @@ def generate(
         stop_token_ids=tuple(int(t) for t in stop_token_ids),
         pad_token_id=int(pad_token_id),
         return_raw_logprobs=bool(return_raw_logprobs),
+        decode_window=int(decode_window),
     )
+
+
+def decode_windows(max_new_tokens: int, first: int) -> tuple[int, ...]:
+    """Ends (in new tokens) of the decode phases: first, 2·first, 4·first, …, max_new_tokens.
+
+    Each phase is its own ``while_loop`` over a cache of prompt + end slots, so step t
+    attends over fewer than 2·max(t, first) + prompt slots instead of all of them, for one
+    cache copy per phase. Short budgets (≤ 2·first) stay one phase: one compiled loop.
+    """
+    if max_new_tokens <= 2 * first:
+        return (max_new_tokens,)
+    ends = [first]
+    while ends[-1] < max_new_tokens:
+        ends.append(min(2 * ends[-1], max_new_tokens))
+    return tuple(ends)
+
+
+def grow_cache(cache, max_len: int):
+    """``cache`` with room for ``max_len`` slots: new slots are empty (not valid)."""
+    extra = max_len - cache.max_len
+    pad = lambda x, axis: jnp.pad(x, [(0, extra) if a == axis else (0, 0) for a in range(x.ndim)])  # noqa: E731
+    return cache.replace(k=pad(cache.k, 2), v=pad(cache.v, 2), valid=pad(cache.valid, 1),
+                         positions=pad(cache.positions, 1))
 
 
 @functools.partial(
@@ -242,6 +274,7 @@ def generate(
         "pad_token_id",
         "return_raw_logprobs",
         "rows",
+        "decode_window",
     ),
 )
 def _generate_jit(
@@ -261,6 +294,7 @@ def _generate_jit(
     pad_token_id,
     return_raw_logprobs,
     rows=None,
+    decode_window=64,
 ):
     model = nnx.merge(graphdef, state)
 
@@ -276,8 +310,11 @@ def _generate_jit(
     n = batch * num_samples
     total = plen + max_new_tokens
 
+    # the cache grows in windows so that each decode step attends over the slots written
+    # so far (rounded up to the window), not over all prompt + max_new_tokens slots
+    window_ends = decode_windows(max_new_tokens, decode_window)
     # prefill: one forward over the prompts; logits only at each row's last real token
-    cache = model.init_cache(batch, total)
+    cache = model.init_cache(batch, plen + window_ends[0])
     out = model.forward(prompts, cache=cache, attention_mask=prompt_mask, return_hidden=True)
     last = last_valid_index(prompt_mask)
     last_hidden = jnp.take_along_axis(out.hidden, last[:, None, None], axis=1)[:, 0]
@@ -287,8 +324,12 @@ def _generate_jit(
 
     # broadcast the prompt's cache and next-token logits to its G samples
     cache = out.cache.repeat(num_samples) if num_samples > 1 else out.cache
-    cache = cache.replace(k=split_rows(cache.k, 1), v=split_rows(cache.v, 1), valid=split_rows(cache.valid),
-                          positions=split_rows(cache.positions), next_position=split_rows(cache.next_position))
+
+    def place(cache):
+        return cache.replace(k=split_rows(cache.k, 1), v=split_rows(cache.v, 1), valid=split_rows(cache.valid),
+                             positions=split_rows(cache.positions), next_position=split_rows(cache.next_position))
+
+    cache = place(cache)
     first_logits = split_rows(jnp.repeat(first_logits, num_samples, axis=0))
     routing = None
     if out.routing is not None:
@@ -299,9 +340,12 @@ def _generate_jit(
     stop_ids = jnp.asarray(stop_token_ids if stop_token_ids else (-1,), jnp.int32)
     sample_kwargs = dict(top_k=top_k, top_p=top_p, min_p=min_p)
 
-    def cond(carry):
-        step, done = carry[0], carry[5]
-        return (step < max_new_tokens) & ~jnp.all(done)
+    def cond_until(end):
+        def cond(carry):
+            step, done = carry[0], carry[5]
+            return (step < end) & ~jnp.all(done)
+
+        return cond
 
     def body(carry):
         step, cache, logits, tokens, logps, done, raw, routing, rng = carry
@@ -337,7 +381,12 @@ def _generate_jit(
         routing,
         rng,
     )
-    steps, _, _, tokens, logps, done, raw, routing, _ = jax.lax.while_loop(cond, body, init)
+    carry = init
+    for i, end in enumerate(window_ends):
+        if i > 0:  # grow the cache to this window (one copy per window, not per step)
+            carry = (carry[0], place(grow_cache(carry[1], plen + end)), *carry[2:])
+        carry = jax.lax.while_loop(cond_until(end), body, carry)
+    steps, _, _, tokens, logps, done, raw, routing, _ = carry
 
     # response mask: tokens up to and including the first stop token
     is_stop = jnp.any(tokens[:, :, None] == stop_ids[None, None, :], axis=-1)

@@ -9,7 +9,7 @@ from flax import nnx
 from jaxrl_llm.models import CausalLM, CharTokenizer, load_hf, tiny_config
 from jaxrl_llm.ops import token_logprobs
 from jaxrl_llm.rollout.filters import FILTER_VALUE, process_logits
-from jaxrl_llm.rollout.sampler import apply_stop_strings, generate, left_align
+from jaxrl_llm.rollout.sampler import apply_stop_strings, decode_windows, generate, left_align
 from tests.models.helpers import make_hf_model, padded_batch
 
 
@@ -158,6 +158,7 @@ def test_left_align():
         (dict(max_new_tokens=4, temperature=-1.0), "temperature"),
         (dict(max_new_tokens=4, top_p=1.5), "top_p"),
         (dict(max_new_tokens=4, num_samples=0), "num_samples"),
+        (dict(max_new_tokens=4, decode_window=0), "decode_window"),
     ],
 )
 def test_bad_arguments(tiny_model, kwargs, match):
@@ -170,3 +171,28 @@ def test_bad_prompt_shapes(tiny_model):
         generate(tiny_model, np.ones((2, 3), np.int32), np.ones((2, 4), np.int32), max_new_tokens=2, rng=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="empty prompt"):
         generate(tiny_model, np.ones((2, 3), np.int32), np.array([[1, 1, 1], [0, 0, 0]]), max_new_tokens=2, rng=jax.random.PRNGKey(0))
+
+
+def test_decode_windows_double_up_to_the_budget():
+    assert decode_windows(128, 64) == (128,)  # ≤ 2 windows' worth: one compiled loop
+    assert decode_windows(256, 64) == (64, 128, 256)
+    assert decode_windows(300, 64) == (64, 128, 256, 300)
+    assert decode_windows(9, 2) == (2, 4, 8, 9)
+
+
+@pytest.mark.parametrize("options", [dict(temperature=0.0), dict(temperature=1.0, top_p=0.9)])
+def test_growing_cache_windows_give_the_single_window_result(tiny_model, options):
+    """Decoding through 4 cache windows (2, 4, 8, 13 new tokens) equals one static cache:
+    the same tokens, log-probs, masks and stops, with left- and right-padded prompts."""
+    rng = np.random.default_rng(3)
+    for side in ("left", "right"):
+        tokens, mask, _ = padded_batch(rng, [3, 6, 5], 6, side, vocab=64)
+        kwargs = dict(max_new_tokens=13, num_samples=2, rng=jax.random.PRNGKey(4), return_raw_logprobs=True,
+                      stop_token_ids=(7,), **options)
+        one = generate(tiny_model, tokens, mask, decode_window=100, **kwargs)
+        grown = generate(tiny_model, tokens, mask, decode_window=2, **kwargs)
+        np.testing.assert_array_equal(np.asarray(grown.tokens), np.asarray(one.tokens))
+        np.testing.assert_array_equal(np.asarray(grown.mask), np.asarray(one.mask))
+        np.testing.assert_array_equal(np.asarray(grown.finished), np.asarray(one.finished))
+        np.testing.assert_allclose(np.asarray(grown.logprobs), np.asarray(one.logprobs), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(grown.raw_logprobs), np.asarray(one.raw_logprobs), atol=1e-5)
