@@ -97,11 +97,7 @@ def mechanism(writer, *, seed: int, quick: bool) -> dict:
             ax.fill_between(np.arange(steps), y.min(0), y.max(0), color=f"C{i}", alpha=0.12)
     axes[0].set(xlabel="step", ylabel="mean token entropy", title="bandit entropy (band: min–max over seeds)")
     axes[1].set(xlabel="step", ylabel="probability mass", title="mass of initially rare good tokens")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(writer.plot_path("clip_higher_entropy_mechanism.png"), dpi=110)
+    rc.save_figure(fig, axes, writer.plot_path("clip_higher_entropy_mechanism.png"))
     sym, high = ARMS
     out = {"steps": steps, "num_seeds": n_seeds, "arms": {}}
     for j, key in enumerate(("entropy", "good_mass")):
@@ -162,11 +158,7 @@ def main() -> None:
     axes[0].set(xlabel="RL step", ylabel="mean token entropy", title="policy entropy (band: min–max over seeds)")
     axes[1].set(xlabel="RL step", ylabel="sampled accuracy", title="accuracy")
     axes[2].set(xlabel="RL step", ylabel="clip fraction", title="fraction of clipped tokens")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(writer.plot_path("clip_higher_entropy.png"), dpi=110)
+    rc.save_figure(fig, axes, writer.plot_path("clip_higher_entropy.png"))
 
     sym, high = ARMS
     per_seed_gap = (stat(high, "entropy").mean(1) - stat(sym, "entropy").mean(1)).tolist()

@@ -75,11 +75,7 @@ def main() -> None:
     axes[1].set(xlabel="RL step", ylabel="mean response length", title="length during training")
     axes[2].set(xlabel="RL step", ylabel="fraction cut at max_new_tokens", title="truncation rate")
     axes[3].set(xlabel="RL step", ylabel="sampled accuracy", title="accuracy")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(writer.plot_path("overlong_penalty.png"), dpi=110)
+    rc.save_figure(fig, axes, writer.plot_path("overlong_penalty.png"))
 
     summary = {"steps": steps, "seeds": seeds, "max_new_tokens": MAX_NEW_TOKENS, "buffer": BUFFER,
                "held_out_length_after_sft": float(np.mean([b["sampled_length_mean"] for b in before])),

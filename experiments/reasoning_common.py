@@ -215,3 +215,12 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, axes, path, legend_size: int = 8) -> None:
+    """Grid and legend on every panel, tight layout, saved as a PNG at the experiments' dpi."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

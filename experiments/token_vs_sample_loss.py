@@ -135,11 +135,7 @@ def mechanism(writer, *, seed: int, quick: bool) -> dict:
               f"right {r_seed.mean():.2f} ± {r_seed.std():.2f}")
     axes[0].set(xlabel="step", ylabel="length (tokens)", title="wrong responses (band: min–max over seeds)")
     axes[1].set(xlabel="step", ylabel="length (tokens)", title="right responses")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(writer.plot_path("token_vs_sample_loss_mechanism.png"), dpi=110)
+    rc.save_figure(fig, axes, writer.plot_path("token_vs_sample_loss_mechanism.png"))
     return out
 
 
@@ -193,11 +189,7 @@ def main() -> None:
     axes[0].set(xlabel="RL step", ylabel="response length (tokens)", title="mean response length")
     axes[1].set(xlabel="RL step", ylabel="completion length (chars)", title="length of right (--) and wrong (—) answers")
     axes[2].set(xlabel="RL step", ylabel="sampled accuracy", title="accuracy")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(writer.plot_path("token_vs_sample_loss.png"), dpi=110)
+    rc.save_figure(fig, axes, writer.plot_path("token_vs_sample_loss.png"), legend_size=7)
 
     summary = {"steps": steps, "seeds": seeds, "worked_example": example, "mechanism": mech,
                "held_out_length_after_sft": float(np.mean([b["sampled_length_mean"] for b in before])), "modes": {}}

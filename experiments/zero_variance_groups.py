@@ -69,11 +69,7 @@ def main() -> None:
         axes[2].plot(x, rc.smooth(stat(arm, "sampled_accuracy").mean(0)), color=f"C{i}", label=arm)
     axes[1].set(xlabel="RL step", ylabel="responses generated per step", title="generation cost")
     axes[2].set(xlabel="RL step", ylabel="sampled accuracy (first round)", title="accuracy")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(writer.plot_path("zero_variance_groups.png"), dpi=110)
+    rc.save_figure(fig, axes, writer.plot_path("zero_variance_groups.png"))
 
     base = rc.base_config("grpo", steps=1, seed=0, out_dir=str(writer.dir))
     base_generations = base.prompts_per_step * base.group_size
