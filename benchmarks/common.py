@@ -7,6 +7,8 @@ import datetime
 import json
 import os
 import pathlib
+import statistics
+import time
 
 import jax
 
@@ -55,3 +57,16 @@ def torch_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"
+
+
+def time_interleaved(fns: dict, reps: int) -> dict:
+    """Median seconds per call of each (already warmed-up, blocking) fn. The calls are
+    interleaved, one of every fn per round, so load from other processes on a shared
+    machine hits all variants alike."""
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}

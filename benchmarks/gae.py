@@ -38,9 +38,7 @@ import functools
 import json
 import os
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +50,7 @@ except ImportError:
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import time_interleaved  # noqa: E402
 from jaxrl_llm.ops import gae  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "gae.jsonl"
@@ -131,18 +130,12 @@ def check_agreement(r, v, m, gamma, lam, tol):
 
 
 def time_variants(fns, reps):
-    """Median ms per variant. Each fn is compiled and warmed up first; the reps are then
-    interleaved (one call of every variant per round) so that load from other processes
-    on a shared machine hits all variants alike."""
-    for fn, args in fns.values():
-        jax.block_until_ready(fn(*args))  # compile + warm-up
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, (fn, args) in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    """Median ms per variant: each fn is compiled and warmed up first, then timed
+    interleaved (``common.time_interleaved``)."""
+    calls = {name: (lambda fn=fn, args=args: jax.block_until_ready(fn(*args))) for name, (fn, args) in fns.items()}
+    for call in calls.values():
+        call()  # compile + warm-up
+    return {name: s * 1e3 for name, s in time_interleaved(calls, reps).items()}
 
 
 def bench_one(B, T, gamma, lam, reps, seed, tol):

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import statistics
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import device_peaks, emit, run_metadata, torch_device  # noqa: E402
+from benchmarks.common import device_peaks, emit, run_metadata, time_interleaved, torch_device  # noqa: E402
 from jaxrl_llm.models import load_hf  # noqa: E402
 from jaxrl_llm.train.grpo import GRPOConfig, _make_update, _Static  # noqa: E402
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer  # noqa: E402
@@ -95,18 +94,6 @@ def torch_step_fn(hf, prompt_len, autocast_bf16=False):
         return loss.item()
 
     return logprobs, step
-
-
-def time_interleaved(fns: dict, reps: int) -> dict:
-    """Median seconds per call of each (warmed-up) fn; one call of every fn per round, so
-    load from other processes on a shared machine hits all variants alike."""
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main(argv=None):
