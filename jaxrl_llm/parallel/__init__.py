@@ -26,6 +26,7 @@ from jaxrl_llm.parallel.memory import (
     print_memory_estimate,
 )
 from jaxrl_llm.parallel.mesh import MESH_AXES, data_parallel_size, init_distributed, make_mesh
+from jaxrl_llm.parallel.placement import MeshConfig, Placement
 from jaxrl_llm.parallel.rules import (
     LOGICAL_AXIS_RULES,
     ROLES,
@@ -69,6 +70,9 @@ __all__ = [
     "make_mesh",
     "data_parallel_size",
     "init_distributed",
+    # placement (what trainers use)
+    "MeshConfig",
+    "Placement",
     # rules
     "MeshAxes",
     "Rules",

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrl_llm.ops.logprobs import logprobs_from_hidden
+from jaxrl_llm.parallel.placement import MeshConfig, Placement
 
 
 class SplitModel(NamedTuple):
@@ -36,6 +37,29 @@ def as_model(policy: Any) -> nnx.Module:
         model, _ = load_hf(policy)
         return model
     raise ValueError(f"policy must be an NNX model or a local checkpoint path, got {type(policy).__name__}")
+
+
+def model_config_of(model: Any) -> Any:
+    """The ``ModelConfig`` of an NNX model or of a local HF checkpoint (read, not loaded)."""
+    if isinstance(model, str):
+        from jaxrl_llm.models.hf_io import read_config
+
+        return read_config(model)[0]
+    return getattr(model, "config", None)
+
+
+def make_placement(mesh: MeshConfig, model: Any, rows: dict[str, int]) -> Placement:
+    """The run's :class:`Placement`: ``mesh`` checked against the batch ``rows``
+    (``{config field: row count}``) and the policy's head count."""
+    return Placement.create(mesh, rows=rows, model_config=model_config_of(model))
+
+
+def placed_model(model: Any, placement: Placement, **load_kwargs) -> nnx.Module:
+    """A model on the run's mesh: an NNX model is placed by the rules in place; a local HF
+    checkpoint path is streamed tensor by tensor straight into its sharding."""
+    if isinstance(model, str):
+        return placement.model(model, **load_kwargs)
+    return placement.place(as_model(model))
 
 
 def split_model(model: nnx.Module) -> SplitModel:

@@ -21,7 +21,8 @@ from jaxrl_llm.train.guard import apply_if_finite
 from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
-from jaxrl_llm.train.policy import SplitModel, as_model, split_model
+from jaxrl_llm.parallel.placement import MeshConfig, Placement
+from jaxrl_llm.train.policy import SplitModel, make_placement, placed_model, split_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,7 @@ class SFTConfig:
       add_bos: prepend the tokenizer's bos to every example.
       logprob_chunk_size: tokens per chunk of ``logprobs_from_hidden``.
       lora: low-rank adapters instead of full fine-tuning (rank 0: off).
+      mesh: device mesh (data × fsdp × tensor); batch_size must divide by data × fsdp.
     """
 
     run: RunConfig = RunConfig(output_dir="runs/sft")
@@ -50,6 +52,7 @@ class SFTConfig:
     add_bos: bool = False
     logprob_chunk_size: int = 1024
     lora: LoRAConfig = LoRAConfig()
+    mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
         for name in ("batch_size", "max_len", "logprob_chunk_size"):
@@ -75,11 +78,12 @@ def sft_forward_loss(model: nnx.Module, batch: dict, agg: str, chunk_size: int, 
 
 
 def make_sft_update(split: SplitModel, tx, loss_agg: str, chunk_size: int, packed: bool = False,
-                    lora: LoRAConfig | None = None):
+                    lora: LoRAConfig | None = None, placement: Placement | None = None):
     """Jitted SFT step (shared by SFT and RFT):
     (params, opt_state, batch[, frozen]) → (params, opt_state, finite, metrics).
 
-    With ``lora`` enabled, ``params`` are the adapters and ``frozen`` the base params."""
+    With ``lora`` enabled, ``params`` are the adapters and ``frozen`` the base params. With a
+    ``placement``, the new params and optimizer state keep their sharding."""
 
     def update(params, opt_state, batch, frozen=None):
         def loss_fn(p):
@@ -88,6 +92,8 @@ def make_sft_update(split: SplitModel, tx, loss_agg: str, chunk_size: int, packe
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         params, opt_state, finite = apply_if_finite(tx, params, opt_state, grads, loss)
+        if placement is not None:
+            params, opt_state = placement.constrain((params, opt_state))
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         return params, opt_state, finite, {"loss": loss, "grad_norm": grad_norm, **metrics}
 
@@ -118,25 +124,28 @@ def train(
       TrainResult (model, per-step metrics, output_dir).
     """
     validate_records(examples)
-    model = as_model(policy)
+    placement = make_placement(config.mesh, policy, {"batch_size": config.batch_size})
+    model = placed_model(policy, placement)
     loader = SFTLoader(examples, tokenizer, config.batch_size, max_len=config.max_len, seed=config.run.seed,
                        pack=config.pack, bucket=config.bucket, add_bos=config.add_bos)
     split = split_model(model)
     tx = make_optimizer(config.optim, config.run.total_steps)
-    update = make_sft_update(split, tx, config.loss_agg, config.logprob_chunk_size, config.pack, config.lora)
+    update = make_sft_update(split, tx, config.loss_agg, config.logprob_chunk_size, config.pack, config.lora,
+                             placement)
     frozen = split.params if config.lora.enabled else None
     trainable = init_lora(split.params, config.lora, jax.random.PRNGKey(config.run.seed)) if frozen else split.params
-    state = {"params": trainable, "opt_state": tx.init(trainable)}
+    state = placement.place({"params": trainable, "opt_state": tx.init(trainable)})
     loop = TrainLoop(config, config.run, desc="sft")
     state, start = loop.start(state)
     if "loader" in loop.meta:
         loader.load_state_dict(loop.meta["loader"])
     for step in range(start, config.run.total_steps):
         t0 = time.perf_counter()
-        batch = batch_arrays(next(loader))
-        params, opt_state, finite, metrics = update(state["params"], state["opt_state"], batch, frozen)
+        batch = placement.rows(batch_arrays(next(loader)))
+        with placement.context():
+            params, opt_state, finite, metrics = update(state["params"], state["opt_state"], batch, frozen)
         state = {"params": params, "opt_state": opt_state}
-        tokens = float(np.asarray(batch["loss_mask"]).sum())
+        tokens = float(jnp.sum(batch["loss_mask"]))
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
         loop.end_step(step, state, metrics, finite=bool(finite), meta={"loader": loader.state_dict()})
