@@ -32,13 +32,20 @@ from jaxrl_llm import ops
 from jaxrl_llm.data.prompts import PromptBatch, PromptLoader
 from jaxrl_llm.data.records import validate_records
 from jaxrl_llm.data.tokenization import decode_ids, eos_id, pad_id
+from jaxrl_llm.parallel.placement import MeshConfig, Placement
 from jaxrl_llm.rewards.combine import safe_reward_fn
 from jaxrl_llm.rollout.sampler import Rollout, generate
 from jaxrl_llm.train.guard import apply_if_finite
 from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
-from jaxrl_llm.train.policy import as_model, response_logprobs, routing_change_fraction, split_model
+from jaxrl_llm.train.policy import (
+    make_placement,
+    placed_model,
+    response_logprobs,
+    routing_change_fraction,
+    split_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +92,9 @@ class GRPOConfig:
       logprob_chunk_size: tokens per chunk of ``logprobs_from_hidden``.
       lora: train low-rank adapters of the policy instead of all weights (rank 0: off);
         the reference is then the frozen base model.
+      mesh: device mesh (data × fsdp × tensor). prompts_per_step (sampling) and the
+        minibatch rows prompts_per_step · group_size / minibatches (updates) must divide
+        by data × fsdp; group advantages are computed on the host over whole groups.
     """
 
     run: RunConfig = RunConfig(output_dir="runs/grpo")
@@ -122,6 +132,7 @@ class GRPOConfig:
     reward_default: float | None = None
     logprob_chunk_size: int = 1024
     lora: LoRAConfig = LoRAConfig()
+    mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
         positive = ("prompts_per_step", "max_prompt_len", "max_new_tokens", "num_inner_updates",
@@ -312,7 +323,7 @@ def _zero_router_grads(grads):
     return jax.tree_util.tree_map_with_path(zero, grads)
 
 
-def _make_update(split, tx, static: _Static):
+def _make_update(split, tx, static: _Static, placement: Placement):
     lora = static.config.lora
 
     def update(params, opt_state, batch, train_router, frozen=None):
@@ -324,6 +335,7 @@ def _make_update(split, tx, static: _Static):
         grads = jax.lax.cond(train_router, lambda g: g, _zero_router_grads, grads)
         metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         params, opt_state, finite = apply_if_finite(tx, params, opt_state, grads, loss)
+        params, opt_state = placement.constrain((params, opt_state))
         return params, opt_state, finite, {"loss": loss, **metrics}
 
     return jax.jit(update)
@@ -343,14 +355,17 @@ def _make_logprob_fn(split, static: _Static):
 # ---------------------------------------------------------------------------- train
 
 
-def _sample_round(model, loader, config, rng, pad, stop_ids) -> tuple[PromptBatch, Rollout]:
+def _sample_round(model, loader, config, rng, pad, stop_ids, placement: Placement) -> tuple[PromptBatch, Rollout]:
+    """One round of sampling on the mesh; the rollout comes back whole, as host arrays."""
     prompts = next(loader)
-    rollout = generate(
-        model, prompts.tokens, prompts.mask, max_new_tokens=config.max_new_tokens, num_samples=config.group_size,
-        temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, stop_token_ids=stop_ids,
-        pad_token_id=pad, rng=rng, return_raw_logprobs=config.tis_cap is not None, prompt_bucket=0,
-    )
-    return prompts, rollout
+    with placement.context():
+        rollout = generate(
+            model, prompts.tokens, prompts.mask, max_new_tokens=config.max_new_tokens, num_samples=config.group_size,
+            temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, stop_token_ids=stop_ids,
+            pad_token_id=pad, rng=rng, return_raw_logprobs=config.tis_cap is not None, prompt_bucket=0,
+            mesh=placement.mesh,
+        )
+    return prompts, placement.to_host(rollout)
 
 
 def _concat(batches: list[ScoredBatch], group_size: int, want_groups: int) -> tuple[ScoredBatch, np.ndarray]:
@@ -379,11 +394,11 @@ def _concat(batches: list[ScoredBatch], group_size: int, want_groups: int) -> tu
         if v is None:
             fields[f.name] = None
         elif f.name == "routing":
-            fields[f.name] = jnp.concatenate(
+            fields[f.name] = np.concatenate(
                 [getattr(batches[bi].rollout, f.name)[:, max(gi, 0) * group_size : (max(gi, 0) + 1) * group_size]
                  for bi, gi in sources], axis=1)
         else:
-            fields[f.name] = jnp.asarray(take(lambda b, n=f.name: np.asarray(getattr(b.rollout, n))))
+            fields[f.name] = take(lambda b, n=f.name: np.asarray(getattr(b.rollout, n)))
     rollout = Rollout(**fields)
     valid = take(lambda b: b.valid) & live
     merged = ScoredBatch(
@@ -418,7 +433,12 @@ def train(
       TrainResult with the trained model and per-step metrics.
     """
     validate_records(prompts, required=("prompt",))
-    model = as_model(policy)
+    n_rows = config.prompts_per_step * config.group_size
+    placement = make_placement(config.mesh, policy, {
+        "prompts_per_step": config.prompts_per_step,
+        "prompts_per_step * group_size / minibatches": n_rows // config.minibatches,
+    })
+    model = placed_model(policy, placement)
     pad = pad_id(tokenizer)
     stop_ids = tuple(dict.fromkeys((eos_id(tokenizer), *config.stop_token_ids)))
     # Fixed prompt width (bucket="max"): every sampling round has the same shapes, so the
@@ -433,12 +453,12 @@ def train(
     has_ref = config.kl_coef > 0
     ref_params = None
     if has_ref:
-        ref_params = split_model(as_model(reference)).params if reference is not None else split.params
+        ref_params = split_model(placed_model(reference, placement)).params if reference is not None else split.params
     is_moe = getattr(model.config, "num_moe_layers", 0) > 0
     prompt_len = config.max_prompt_len
     has_old = updates_per_step > 1
     static = _Static(prompt_len, config, has_old, has_ref, replay=is_moe and config.routing_replay, train_router=True)
-    update_fn = _make_update(split, tx, static)
+    update_fn = _make_update(split, tx, static, placement)
     logprob_fn = _make_logprob_fn(split, static)
     ref_logprob_fn = _make_logprob_fn(split, dataclasses.replace(static, replay=False)) if has_ref else None
 
@@ -446,16 +466,15 @@ def train(
     frozen = split.params if config.lora.enabled else None
     trainable = init_lora(split.params, config.lora, jax.random.PRNGKey(config.run.seed + 1)) if frozen else split.params
     full_params = jax.jit(lambda a, base: apply_lora(base, a, config.lora)) if frozen else (lambda a, base: a)
-    state = {
+    state = placement.place({
         "params": trainable,
         "opt_state": tx.init(trainable),
         "rng": jax.random.key_data(jax.random.PRNGKey(config.run.seed)),
-    }
+    })
     loop = TrainLoop(config, config.run, desc="grpo")
     state, start = loop.start(state)
     if "prompt_loader" in loop.meta:
         loader.load_state_dict(loop.meta["prompt_loader"])
-    n_rows = config.prompts_per_step * config.group_size
 
     for step in range(start, config.run.total_steps):
         t0 = time.perf_counter()
@@ -467,7 +486,8 @@ def train(
         rounds: list[ScoredBatch] = []
         informative_before = None
         for round_ in range(config.max_sampling_rounds if config.dynamic_sampling else 1):
-            prompt_batch, rollout = _sample_round(current, loader, config, jax.random.fold_in(k_step, round_), pad, stop_ids)
+            prompt_batch, rollout = _sample_round(current, loader, config, jax.random.fold_in(k_step, round_), pad,
+                                                  stop_ids, placement)
             # score
             rounds.append(score_rollout(rollout, prompt_batch, safe_reward, tokenizer, config))
             if informative_before is None:
@@ -491,9 +511,12 @@ def train(
         # advantages
         advantages = compute_advantages(batch.scores, batch.valid, config)
         rollout = batch.rollout
-        tokens, full_mask = rollout.full_tokens()
+        tokens, full_mask = placement.to_host(rollout.full_tokens())
         mask = (np.asarray(rollout.mask) * batch.valid[:, None]).astype(np.float32)
-        routing = rollout.full_routing()  # aligned with full_tokens' left-aligned prompts
+        routing = placement.to_host(rollout.full_routing())  # aligned with full_tokens' left-aligned prompts
+        # device copies, rows split over the mesh's batch axes (routing: rows on axis 1)
+        tokens_d, full_mask_d = placement.rows((tokens, full_mask))
+        routing_d = placement.rows(routing, axis=1)
 
         # old / reference log-probs
         t1 = time.perf_counter()
@@ -501,25 +524,27 @@ def train(
         metrics_extra = {}
         old_logp = None
         if has_old or config.tis_cap is not None:
-            old_logp, _ = logprob_fn(policy_params, tokens, full_mask, routing)
+            with placement.context():
+                old_logp = placement.to_host(logprob_fn(policy_params, tokens_d, full_mask_d, routing_d)[0])
         if config.tis_cap is not None:
-            log_w = np.asarray(old_logp) - np.asarray(rollout.raw_logprobs)
+            log_w = old_logp - np.asarray(rollout.raw_logprobs)
             tis_weight = np.minimum(np.exp(np.clip(log_w, -20, 20)), config.tis_cap).astype(np.float32)
             metrics_extra["rollout_mismatch_abs"] = float(ops.masked_mean(np.abs(log_w), mask))
         ref_logp = None
         if has_ref:
-            ref_logp, _ = ref_logprob_fn(ref_params, tokens, full_mask, None)
-        jax.block_until_ready((old_logp, ref_logp))  # so the time split is honest (async dispatch)
+            with placement.context():
+                ref_logp = placement.to_host(ref_logprob_fn(ref_params, tokens_d, full_mask_d, None)[0])
         t_logprob = time.perf_counter() - t1
 
         # update: μ passes × minibatches
         t2 = time.perf_counter()
         train_router = not config.freeze_router and (step % config.router_update_every == 0)
+        # host arrays: each minibatch below is cut on the host and split over the mesh
         full_batch = {
-            "tokens": tokens, "full_mask": full_mask, "mask": jnp.asarray(mask),
-            "advantages": jnp.asarray(advantages, jnp.float32), "tis_weight": jnp.asarray(tis_weight),
-            "old_logp": old_logp if old_logp is not None else jnp.zeros_like(mask),
-            "ref_logp": ref_logp if ref_logp is not None else jnp.zeros_like(mask),
+            "tokens": tokens, "full_mask": full_mask, "mask": mask,
+            "advantages": np.asarray(advantages, np.float32), "tis_weight": tis_weight,
+            "old_logp": old_logp if old_logp is not None else np.zeros_like(mask),
+            "ref_logp": ref_logp if ref_logp is not None else np.zeros_like(mask),
             "routing": routing,
         }
         mb_size = n_rows // config.minibatches
@@ -534,7 +559,10 @@ def train(
             for mb in range(config.minibatches):
                 idx = order[mb * mb_size : (mb + 1) * mb_size]
                 mb_batch = {k: (None if v is None else (v[:, idx] if k == "routing" else v[idx])) for k, v in full_batch.items()}
-                params, opt_state, finite, m = update_fn(params, opt_state, mb_batch, train_router, frozen)
+                mb_routing = placement.rows(mb_batch.pop("routing"), axis=1)
+                mb_batch = {**placement.rows(mb_batch), "routing": mb_routing}
+                with placement.context():
+                    params, opt_state, finite, m = update_fn(params, opt_state, mb_batch, train_router, frozen)
                 all_finite = all_finite and bool(finite)
                 update_metrics.append(m)
         state = {"params": params, "opt_state": opt_state, "rng": jax.random.key_data(rng)}
