@@ -8,7 +8,13 @@ a notebook run are the same run. Inputs are local paths only (no hub downloads):
   --policy   HF checkpoint directory, or ``tiny:<family>`` for a fresh tiny model
   --tokenizer  HF tokenizer directory, or ``char`` for the built-in CharTokenizer
   --data     JSONL / JSON / parquet file or a saved ``datasets`` directory
-  --reward   a built-in reward function name (see ``REWARDS``)
+  --reward   a built-in reward function name (arithmetic, math, think_answer_format), or
+             your own ``path/to/file.py:function`` / ``package.module:function``
+
+Every stage first calls ``parallel.init_distributed()`` (a no-op on one host; under
+SLURM, on a TPU pod slice or with ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
+``JAX_PROCESS_ID`` set, it starts JAX's multi-process runtime), and ``mesh.data=…
+mesh.fsdp=… mesh.tensor=…`` choose the device mesh of the run.
 
 ``jaxrl-llm grpo`` with no inputs runs the built-in quick-start (tiny model, SFT warm
 start, RL on single-digit addition).
@@ -178,9 +184,39 @@ def _ppo(args: argparse.Namespace) -> int:
 
 def _reward(name: str):
     rewards = _rewards()
-    if name not in rewards:
-        raise SystemExit(f"--reward must be one of {sorted(rewards)}, got {name!r}")
-    return rewards[name]
+    if name in rewards:
+        return rewards[name]
+    if ":" in name:
+        return _import_function(name)
+    raise SystemExit(
+        f"--reward must be one of {sorted(rewards)} or path/to/file.py:function or "
+        f"package.module:function, got {name!r}"
+    )
+
+
+def _import_function(spec: str):
+    """``path/to/file.py:function`` or ``package.module:function`` → the function."""
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise SystemExit(f"--reward {spec!r}: file {target!r} not found")
+        module_spec = importlib.util.spec_from_file_location(f"_jaxrl_llm_user_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as err:
+            raise SystemExit(f"--reward {spec!r}: cannot import module {target!r} ({err})") from err
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise SystemExit(f"--reward {spec!r}: {target!r} has no function {attr!r}")
+    return fn
 
 
 def _finish(result) -> None:
@@ -210,21 +246,25 @@ def build_parser() -> argparse.ArgumentParser:
     stage("sft", _sft, "supervised fine-tuning on prompt/response records")
     g = stage("grpo", _grpo, "GRPO / Dr. GRPO / DAPO / GSPO / RLOO with a verifiable reward")
     g.add_argument("--preset", default="grpo", help="grpo | dr_grpo | dapo | gspo | rloo")
-    g.add_argument("--reward", help="built-in reward function name")
+    g.add_argument("--reward", help="built-in reward name, path/to/file.py:function or module:function")
     g.add_argument("--out", default="results", help="quick-start output root (no --policy/--data)")
     g.add_argument("--quick", action="store_true", help="quick-start: a few steps only")
     stage("dpo", _dpo, "DPO / cDPO / robust / IPO / hinge on prompt/chosen/rejected records")
     r = stage("rft", _rft, "rejection-sampling fine-tuning with a reward function")
-    r.add_argument("--reward", help="built-in reward function name")
+    r.add_argument("--reward", help="built-in reward name, path/to/file.py:function or module:function")
     stage("reward", _reward_model, "reward model (Bradley–Terry / Plackett–Luce) on preference records")
     p = stage("ppo", _ppo, "PPO with GAE, KL-shaped rewards and a critic")
-    p.add_argument("--reward", help="built-in reward function name")
+    p.add_argument("--reward", help="built-in reward name, path/to/file.py:function or module:function")
     p.add_argument("--reward-model", dest="reward_model", help="reward model checkpoint directory")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "demo":
+        from jaxrl_llm.parallel import init_distributed
+
+        init_distributed()  # before any JAX computation; a no-op on one host
     return args.func(args)
 
 

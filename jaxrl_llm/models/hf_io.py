@@ -35,6 +35,7 @@ from safetensors.numpy import save_file
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.heads import ScalarHeadModel
 from jaxrl_llm.models.transformer import CausalLM
+from jaxrl_llm.parallel.placement import host_array
 
 KINDS = ("causal_lm", "reward", "value")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -465,10 +466,15 @@ def save_hf(
       max_shard_bytes: above this total size, tensors are split into
         model-0000i-of-0000n.safetensors files plus model.safetensors.index.json.
       dtype: dtype of saved tensors (default: the parameter dtype).
+
+    Multi-process (``jax.distributed``): every process must call it (each tensor is
+    all-gathered, one at a time); only process 0 writes files.
     """
+    writer = jax.process_index() == 0
     config: ModelConfig = model.config
     kind = "causal_lm" if isinstance(model, CausalLM) else "reward"
-    os.makedirs(path, exist_ok=True)
+    if writer:
+        os.makedirs(path, exist_ok=True)
     hf_config = config.to_hf()
     if kind != "causal_lm":
         hf_config["architectures"] = [_SEQ_CLS_ARCH[config.model_type]]
@@ -478,8 +484,9 @@ def save_hf(
     first_param = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
     out_dtype = np.dtype(jnp.dtype(dtype or first_param.dtype))
     hf_config["dtype"] = str(jnp.dtype(out_dtype))
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
+    if writer:
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
 
     # group tensors into shards of at most max_shard_bytes.
     specs = _tensor_specs(config, kind)
@@ -504,19 +511,18 @@ def save_hf(
         tensors = {}
         for spec in shard:
             if spec.expert is None:
-                value = np.asarray(jax.device_get(_get_variable(model, spec.path)[...]))
+                value = host_array(_get_variable(model, spec.path)[...])
             else:
                 if spec.path not in cache:
                     cache.clear()
-                    cache[spec.path] = np.asarray(
-                        jax.device_get(_get_variable(model, spec.path)[...])
-                    )
+                    cache[spec.path] = host_array(_get_variable(model, spec.path)[...])
                 value = cache[spec.path][spec.expert]
             tensors[spec.hf_key] = np.ascontiguousarray(spec.to_hf(value).astype(out_dtype))
             weight_map[spec.hf_key] = name
-        save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})
+        if writer:
+            save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})
         del tensors
-    if len(shards) > 1:
+    if writer and len(shards) > 1:
         total = sum(int(np.prod(s.hf_shape)) * out_dtype.itemsize for s in specs)
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

@@ -41,7 +41,7 @@ from jaxrl_llm.parallel.mesh import MESH_AXES, make_mesh
 from jaxrl_llm.parallel.rules import LOGICAL_AXIS_RULES, Rules, resolve_spec, validate_rules
 from jaxrl_llm.parallel.sharding import batch_sharding, model_shardings, sharding_context
 
-__all__ = ["MeshConfig", "Placement"]
+__all__ = ["MeshConfig", "Placement", "host_array"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,21 @@ def _check_model(model_config: Any, tensor: int) -> None:
             f"mesh.tensor={tensor} does not divide the model's num_experts={experts}: expert "
             "parallelism runs on the tensor axis"
         )
+
+
+def host_array(x: Any) -> np.ndarray | None:
+    """``x`` as a whole numpy array on this process: an array that spans several processes
+    is all-gathered (a collective: every process must call it), a replicated one is read
+    from a local copy."""
+    if x is None:
+        return None
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,16 +318,7 @@ class Placement:
     def to_host(self, tree: Any) -> Any:
         """numpy copies of every leaf, whole on every process (all-gathered across
         processes when an array spans several)."""
-        def get(x):
-            if x is None:
-                return None
-            if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
-                from jax.experimental import multihost_utils
-
-                return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-            return np.asarray(x)
-
-        return jax.tree.map(get, tree, is_leaf=lambda x: x is None)
+        return jax.tree.map(host_array, tree, is_leaf=lambda x: x is None)
 
     @contextlib.contextmanager
     def context(self) -> Iterator[Mesh]:

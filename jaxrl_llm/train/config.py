@@ -57,6 +57,12 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
         return tuple(_coerce(v, inner, name) for v in value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-2" (no dot) as a string; it is a float to anyone typing it.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if annotation is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if annotation in (int, float, str, bool) and not isinstance(value, annotation):

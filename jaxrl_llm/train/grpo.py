@@ -563,6 +563,7 @@ def train(
                 mb_batch = {**placement.rows(mb_batch), "routing": mb_routing}
                 with placement.context():
                     params, opt_state, finite, m = update_fn(params, opt_state, mb_batch, train_router, frozen)
+                finite, m = placement.to_host((finite, m))
                 all_finite = all_finite and bool(finite)
                 update_metrics.append(m)
         state = {"params": params, "opt_state": opt_state, "rng": jax.random.key_data(rng)}

@@ -13,7 +13,12 @@ A trainer reads like the algorithm::
 
 The state is one pytree (params, optimizer state, RNG key data, KL controller, ...), so
 a resumed run continues exactly: same parameters, optimizer moments, RNG stream and data
-position as the uninterrupted run.
+position as the uninterrupted run. Arrays are saved sharded (orbax) and restored into the
+sharding of the initial state, so a run can resume on another mesh.
+
+Multi-process runs (``jax.distributed``): every process runs the loop (the checkpoints go
+through orbax's multi-host path, all processes taking part); only process 0 writes
+config.yaml, metrics.jsonl, TensorBoard events and the HF export, and shows progress.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import jax
 from flax import nnx
 
 from jaxrl_llm.train.checkpoint import Checkpointer, CheckpointMismatchError
@@ -98,12 +104,14 @@ class TrainLoop:
 
     def __init__(self, config: Any, run: RunConfig, desc: str = "train"):
         self.run = run
+        self.is_writer = jax.process_index() == 0
         # Fail before any compute when the folder cannot be written (StorageError).
         self.output_dir = prepare_output_dir(run.output_dir)
         config_path = self.output_dir / "config.yaml"
         # Kept to explain a checkpoint that does not fit the new config (see start()).
         self._saved_config = config_path.read_text() if run.resume and config_path.exists() else None
-        save_config(config, config_path)
+        if self.is_writer:
+            save_config(config, config_path)
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", max_to_keep=run.keep_checkpoints)
         self.guard = NonFiniteGuard(run.max_consecutive_nonfinite)
         self.history: list[dict] = []
@@ -133,8 +141,9 @@ class TrainLoop:
             # Steps logged after the checkpoint are re-run: drop their lines.
             old = read_metrics(self.metrics_path) if self.metrics_path.exists() else []
             self.history = [row for row in old if row["step"] < start]
-            self._rewrite_metrics(self.history)
-        elif self.metrics_path.exists():
+            if self.is_writer:
+                self._rewrite_metrics(self.history)
+        elif self.metrics_path.exists() and self.is_writer:
             self.metrics_path.unlink()
         self._logger = MetricsLogger(
             self.output_dir,
@@ -143,6 +152,7 @@ class TrainLoop:
             tensorboard=self.run.tensorboard,
             progress=self.run.progress,
             desc=self._desc,
+            write=self.is_writer,
         )
         self._install_signal_handlers()
         return state, start

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxrl_llm.parallel.placement import host_array
+
 # Shown in the progress bar when present, in this order.
 PROGRESS_KEYS = ("loss", "reward_mean", "accuracy", "kl", "entropy", "tokens_per_s")
 
@@ -21,7 +23,7 @@ def to_python(metrics: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in metrics.items():
         if hasattr(value, "shape") and getattr(value, "shape", None) == ():
-            value = np.asarray(value).item()
+            value = host_array(value).item()
         elif isinstance(value, (np.generic,)):
             value = value.item()
         out[key] = value
@@ -39,11 +41,18 @@ class MetricsLogger:
         tensorboard: bool = False,
         progress: bool = True,
         desc: str = "train",
+        write: bool = True,
     ):
+        """``write=False`` (processes other than 0 of a multi-process run): rows are
+        returned but no file, TensorBoard event or progress bar is written."""
         self.output_dir = Path(output_dir)
+        self._jsonl = None
+        self._tb = None
+        self._bar = None
+        if not write:
+            return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.output_dir / "metrics.jsonl", "a")
-        self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -56,6 +65,8 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         row = {"step": int(step), **to_python(metrics)}
+        if self._jsonl is None:
+            return row
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
@@ -69,7 +80,8 @@ class MetricsLogger:
         return row
 
     def close(self) -> None:
-        self._jsonl.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
         if self._bar is not None:

@@ -141,11 +141,13 @@ def train(
         loader.load_state_dict(loop.meta["loader"])
     for step in range(start, config.run.total_steps):
         t0 = time.perf_counter()
-        batch = placement.rows(batch_arrays(next(loader)))
+        host_batch = next(loader)
+        tokens = float(np.sum(host_batch.loss_mask))
+        batch = placement.rows(batch_arrays(host_batch))
         with placement.context():
             params, opt_state, finite, metrics = update(state["params"], state["opt_state"], batch, frozen)
         state = {"params": params, "opt_state": opt_state}
-        tokens = float(jnp.sum(batch["loss_mask"]))
+        finite, metrics = placement.to_host((finite, metrics))
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
         loop.end_step(step, state, metrics, finite=bool(finite), meta={"loader": loader.state_dict()})
