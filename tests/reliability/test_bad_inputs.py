@@ -28,7 +28,10 @@ from jaxrl_llm.models.hf_io import load_hf
 from jaxrl_llm.models.tokenizer import CharTokenizer
 from jaxrl_llm.rollout import filters
 from jaxrl_llm.rollout.sampler import generate
+from jaxrl_llm.parallel import MeshConfig, Placement
+from jaxrl_llm.train.config import load_config
 from jaxrl_llm.train.grpo import GRPOConfig
+from jaxrl_llm.train.sft import SFTConfig
 from jaxrl_llm.train.loop import RunConfig
 from tests.data.conftest import make_hf_tokenizer
 
@@ -124,6 +127,12 @@ CASES = [
     ("grpo-temperature", lambda: GRPOConfig(temperature=0.0), ValueError, r"temperature"),
     ("run-total_steps=0", lambda: RunConfig(total_steps=0), ValueError, r"total_steps must be >= 1, got 0"),
     ("run-checkpoint_every<0", lambda: RunConfig(checkpoint_every=-1), ValueError, r"checkpoint_every must be >= 0, got -1"),
+    # ---- mesh config (the ``mesh`` field of every trainer config)
+    ("mesh-size-0", lambda: MeshConfig(fsdp=0), ValueError, r"mesh.fsdp: expected a positive int or -1"),
+    ("mesh-size-float", lambda: MeshConfig(tensor=2.0), ValueError, r"mesh.tensor: expected a positive int or -1 .*got 2.0"),
+    ("mesh-two-sizes-free", lambda: MeshConfig(data=-1, fsdp=-1), ValueError, r"at most one of mesh.data / mesh.fsdp / mesh.tensor may be -1"),
+    ("mesh-num_devices-0", lambda: MeshConfig(num_devices=0), ValueError, r"mesh.num_devices: expected a positive int or None"),
+    ("mesh-unknown-cli-key", lambda: load_config(SFTConfig, overrides=["mesh.fdsp=2"]), ValueError, r"unknown config key\(s\) \['mesh.fdsp'\]"),
 ]
 
 MESH_CASES = [
@@ -153,6 +162,29 @@ def test_bad_input_mesh(case, which):
             generate(MODEL, np.ones((rows, 3), np.int32), np.ones((rows, 3), np.int32), max_new_tokens=2, rng=KEY, mesh=mesh)
         else:
             check_batch_size(rows, mesh)
+
+
+MESH_CONFIG_CASES = [
+    ("mesh-sizes-do-not-cover-devices", dict(config=MeshConfig(2, 2, 1)),
+     r"mesh.data × mesh.fsdp × mesh.tensor = 2 × 2 × 1 = 4 must equal the number of devices, 8"),
+    ("mesh-free-size-does-not-divide", dict(config=MeshConfig(data=-1, fsdp=3)),
+     r"mesh.data=-1: the other sizes multiply to 3, which does not divide the 8 devices"),
+    ("mesh-num_devices-too-many", dict(config=MeshConfig(num_devices=16)),
+     r"mesh.num_devices=16, but only 8 devices are visible"),
+    ("mesh-batch-rows-do-not-split", dict(config=MeshConfig(2, 2, 2), rows={"batch_size": 6}),
+     r"batch_size=6 is not divisible by mesh.data × mesh.fsdp = 4"),
+    ("mesh-tensor-does-not-divide-heads", dict(config=MeshConfig(1, 1, 8), model_config=tiny_config("llama", num_heads=4, num_kv_heads=2)),
+     r"mesh.tensor=8 does not divide the model's num_heads=4"),
+]
+
+
+@pytest.mark.parametrize("case, kwargs, message", MESH_CONFIG_CASES, ids=[c[0] for c in MESH_CONFIG_CASES])
+def test_bad_input_mesh_config(case, kwargs, message):
+    """A mesh that does not fit the devices, the batch or the model fails at start, naming the field."""
+    if jax.device_count() != 8:
+        pytest.skip("the messages are written for XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    with pytest.raises(ValueError, match=message):
+        Placement.create(**kwargs)
 
 
 @pytest.mark.parametrize(
