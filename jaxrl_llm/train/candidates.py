@@ -29,8 +29,9 @@ from jaxrl_llm.data.candidates import CandidateStats, filter_candidates
 from jaxrl_llm.data.prompts import OVERLONG_PROMPT_POLICIES, PromptLoader
 from jaxrl_llm.data.records import save_records, validate_records
 from jaxrl_llm.data.tokenization import decode_ids, eos_id, pad_id
+from jaxrl_llm.parallel.placement import MeshConfig
 from jaxrl_llm.rollout.sampler import apply_stop_strings, generate
-from jaxrl_llm.train.policy import as_model
+from jaxrl_llm.train.policy import make_placement, placed_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,8 @@ class CandidateConfig:
         (None: off).
       save_token_logprobs: also store per-token log-probs ("token_logprobs").
       output_path: write the records here (.jsonl / .json / .parquet; None: not written).
+      mesh: device mesh (data × fsdp × tensor) the policy samples on; batch_size must
+        divide by data × fsdp (each device decodes its share of the prompts).
     """
 
     num_candidates: int = 4
@@ -78,6 +81,7 @@ class CandidateConfig:
     max_ngram_repetition: float | None = None
     save_token_logprobs: bool = False
     output_path: str | None = None
+    mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
         for name in ("num_candidates", "batch_size", "max_prompt_len", "max_new_tokens", "ngram_size"):
@@ -162,7 +166,8 @@ def generate_candidates(
       when set.
     """
     validate_records(prompts, required=("prompt",))
-    model = as_model(policy)
+    placement = make_placement(config.mesh, policy, {"batch_size": config.batch_size})
+    model = placed_model(policy, placement)
     pad = pad_id(tokenizer)
     stop_ids = tuple(dict.fromkeys((eos_id(tokenizer), *config.stop_token_ids)))
     loader = PromptLoader(prompts, tokenizer, config.batch_size, shuffle=False, drop_last=False, num_epochs=1,
@@ -180,11 +185,13 @@ def generate_candidates(
             extra = config.batch_size - b
             tokens = np.concatenate([tokens, np.repeat(tokens[:1], extra, 0)])
             mask = np.concatenate([mask, np.repeat(mask[:1], extra, 0)])
-        rollout = generate(model, tokens, mask, max_new_tokens=config.max_new_tokens, num_samples=k,
-                           temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                           min_p=config.min_p, stop_token_ids=stop_ids, pad_token_id=pad,
-                           rng=jax.random.fold_in(base_key, batch_index), prompt_bucket=0)
-        rollout = apply_stop_strings(rollout, tokenizer, config.stop_strings)
+        with placement.context():
+            rollout = generate(model, tokens, mask, max_new_tokens=config.max_new_tokens, num_samples=k,
+                               temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                               min_p=config.min_p, stop_token_ids=stop_ids, pad_token_id=pad,
+                               rng=jax.random.fold_in(base_key, batch_index), prompt_bucket=0, mesh=placement.mesh)
+        # stop strings, decoding and filters work on whole groups on the host
+        rollout = apply_stop_strings(placement.to_host(rollout), tokenizer, config.stop_strings)
         n = b * k
         out_tokens = np.asarray(rollout.tokens)[:n]
         lengths = np.asarray(rollout.lengths)[:n]

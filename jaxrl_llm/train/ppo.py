@@ -16,6 +16,14 @@ summed over the response and charged at its last token instead of per token
 update batches, a critic on its own backbone (default: a copy of the policy's backbone)
 or a value head shared with the policy.
 
+Mesh (``config.mesh``): the four models share one device mesh and one set of sharding
+rules (``parallel.Placement``). Policy and critic are trainable (params and optimizer
+state sharded), reference and reward model frozen (params only). Sampling, reward-model
+scores, log-probs, values, GAE targets and updates run with their rows split over the
+batch axes (data × fsdp); scores, the reward normaliser, the KL controller, metrics and
+the replay buffer are host work on whole-batch copies (``Placement.to_host``), so every
+mesh sees the same numbers in the same order.
+
 Everything a resumed run needs is in the checkpointed state: policy and critic params,
 their optimizer states, the RNG key, β, the reward normaliser's running moments and the
 replay buffer; the prompt loader's position is in the checkpoint's meta.
@@ -49,13 +57,15 @@ from jaxrl_llm.data.prompts import OVERLONG_PROMPT_POLICIES, PromptBatch, Prompt
 from jaxrl_llm.data.records import validate_records
 from jaxrl_llm.data.tokenization import decode_ids, eos_id, pad_id
 from jaxrl_llm.models.heads import ScalarHeadModel, ValueModel
+from jaxrl_llm.parallel.placement import MeshConfig, Placement
+from jaxrl_llm.parallel.sharding import create_sharded
 from jaxrl_llm.rewards.combine import safe_reward_fn
 from jaxrl_llm.rollout.sampler import Rollout, apply_stop_strings, generate
 from jaxrl_llm.train.guard import apply_if_finite
 from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
-from jaxrl_llm.train.policy import as_model, response_logprobs, split_model
+from jaxrl_llm.train.policy import make_placement, placed_model, response_logprobs, split_model
 
 KL_SCHEDULES = ("fixed", "linear", "adaptive")
 KL_REWARD_PLACEMENTS = ("token", "sequence")
@@ -113,6 +123,10 @@ class PPOConfig:
       logprob_chunk_size: tokens per chunk of ``logprobs_from_hidden``.
       lora: train low-rank adapters of the policy instead of all its weights (rank 0:
         off); the default reference is then the frozen base model.
+      mesh: device mesh (data × fsdp × tensor) of all four models. prompts_per_step
+        (sampling), prompts_per_step · samples_per_prompt (scoring, log-probs, values)
+        and the minibatch rows of the updates (that / minibatches, and with replay
+        (that + replay_rows) / minibatches) must divide by data × fsdp.
     """
 
     run: RunConfig = RunConfig(output_dir="runs/ppo")
@@ -157,6 +171,7 @@ class PPOConfig:
     replay_rows: int = 0
     logprob_chunk_size: int = 1024
     lora: LoRAConfig = LoRAConfig()
+    mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
         positive = ("prompts_per_step", "samples_per_prompt", "max_prompt_len", "max_new_tokens",
@@ -210,6 +225,17 @@ class PPOConfig:
     def num_rows(self) -> int:
         """N = prompts_per_step · samples_per_prompt rollouts per step."""
         return self.prompts_per_step * self.samples_per_prompt
+
+    def mesh_rows(self) -> dict[str, int]:
+        """``{config fields: row count}`` of every batch split over the mesh's batch axes:
+        the prompts when sampling, the N rollouts when scoring and evaluating, and each
+        update minibatch (N rows, or N + replay_rows once the replay buffer is full)."""
+        n = "prompts_per_step * samples_per_prompt"
+        rows = {"prompts_per_step": self.prompts_per_step, n: self.num_rows,
+                f"{n} / minibatches": self.num_rows // self.minibatches}
+        if self.replay_rows:
+            rows[f"({n} + replay_rows) / minibatches"] = (self.num_rows + self.replay_rows) // self.minibatches
+        return rows
 
     def kl_coef_at(self, step: int) -> float:
         """β of the "fixed" / "linear" schedules at ``step`` (the adaptive β is state)."""
@@ -325,38 +351,37 @@ def value_head_init(dim: int) -> jax.Array:
     return jnp.zeros((dim, 1), jnp.float32)
 
 
-def make_critic(policy: nnx.Module, *, seed: int = 0) -> ValueModel:
-    """A ValueModel with a copy of the policy's backbone weights and a zero value head."""
-    critic = ValueModel(policy.config, rngs=nnx.Rngs(seed))
+def make_critic(policy: nnx.Module, *, seed: int = 0, placement: Placement | None = None) -> ValueModel:
+    """A ValueModel with a copy of the policy's backbone weights and a zero value head.
+
+    With a ``placement`` the critic is built directly in its sharding (no whole copy of
+    the backbone on one device) and returned placed by the rules."""
+    build = lambda: ValueModel(policy.config, rngs=nnx.Rngs(seed))  # noqa: E731
+    critic = build() if placement is None else create_sharded(build, placement.mesh, placement.rules)
     nnx.update(critic.model, jax.tree.map(jnp.array, nnx.state(policy.model, nnx.Param)))
     critic.score[...] = jnp.zeros_like(critic.score[...])
-    return critic
+    return critic if placement is None else placement.place(critic)
 
 
-def _as_critic(critic: Any) -> ScalarHeadModel:
+def _as_critic(critic: Any, placement: Placement) -> ScalarHeadModel:
+    """A per-token value model on the run's mesh (a path is loaded straight into it)."""
     if isinstance(critic, ScalarHeadModel):
         if critic.pool != "none":
             raise ValueError(f'critic must give per-token values (pool="none", e.g. ValueModel), got pool={critic.pool!r}')
-        return critic
-    if isinstance(critic, str):
-        from jaxrl_llm.models.hf_io import load_hf
-
-        model, _ = load_hf(critic, kind="value")
-        return model
-    raise ValueError(f"critic must be a ValueModel or a local checkpoint path, got {type(critic).__name__}")
+    elif not isinstance(critic, str):
+        raise ValueError(f"critic must be a ValueModel or a local checkpoint path, got {type(critic).__name__}")
+    return placed_model(critic, placement, kind="value")
 
 
-def _as_reward_model(reward_model: Any) -> ScalarHeadModel:
+def _as_reward_model(reward_model: Any, placement: Placement) -> ScalarHeadModel:
+    """A sequence-scoring model on the run's mesh (a path is loaded straight into it)."""
     if isinstance(reward_model, ScalarHeadModel):
         if reward_model.pool == "none":
             raise ValueError('reward_model must pool to one score per sequence (pool "last" or "mean"), got "none"')
-        return reward_model
-    if isinstance(reward_model, str):
-        from jaxrl_llm.models.hf_io import load_hf
-
-        model, _ = load_hf(reward_model, kind="reward")
-        return model
-    raise ValueError(f"reward_model must be a RewardModel or a local checkpoint path, got {type(reward_model).__name__}")
+    elif not isinstance(reward_model, str):
+        raise ValueError("reward_model must be a RewardModel or a local checkpoint path, "
+                         f"got {type(reward_model).__name__}")
+    return placed_model(reward_model, placement, kind="reward")
 
 
 # ---------------------------------------------------------------------------- jitted pieces
@@ -444,12 +469,15 @@ def _global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(tree)))
 
 
-@functools.partial(jax.jit, static_argnames=("graphs", "tx", "opts"))
-def _update_step(params, opt_state, batch, rests, *, graphs, tx, opts):
+@functools.partial(jax.jit, static_argnames=("graphs", "tx", "opts", "placement"))
+def _update_step(params, opt_state, batch, rests, *, graphs, tx, opts, placement: Placement):
+    """One optimizer update of policy and critic on a minibatch whose rows are split over
+    the mesh; the new params and optimizer state keep their sharding."""
     (loss, metrics), grads = jax.value_and_grad(ppo_loss, has_aux=True)(params, batch, rests, graphs, opts)
     metrics["grad_norm"] = _global_norm(grads["policy"])
     metrics["critic_grad_norm"] = _global_norm(grads["critic"])
     params, opt_state, finite = apply_if_finite(tx, params, opt_state, grads, loss)
+    params, opt_state = placement.constrain((params, opt_state))
     return params, opt_state, finite, {"loss": loss, **metrics}
 
 
@@ -467,9 +495,17 @@ def _score_jit(state, tokens, full_mask, *, graph):
     return nnx.merge(graph, state)(tokens, attention_mask=full_mask)
 
 
-def _make_reward_model_fn(reward_model: ScalarHeadModel):
+def _make_reward_model_fn(reward_model: ScalarHeadModel, placement: Placement):
+    """``(tokens [N, L], full_mask [N, L]) -> scores [N]`` (numpy, whole batch): the
+    reward model's forward with its rows split over the mesh."""
     graph, state = nnx.split(reward_model)
-    return lambda tokens, full_mask: _score_jit(state, tokens, full_mask, graph=graph)
+
+    def score(tokens, full_mask):
+        with placement.context():
+            scores = _score_jit(state, *placement.rows((tokens, full_mask)), graph=graph)
+        return placement.to_host(scores)
+
+    return score
 
 
 @functools.lru_cache(maxsize=16)
@@ -585,17 +621,25 @@ def train(
         value head. Must be None with ``config.shared_critic``.
       reference: frozen reference model (default: the initial policy).
 
+    Models given as objects are moved onto ``config.mesh`` in place (sharded by the
+    rules); paths are loaded straight into their sharding.
+
     Returns:
-      TrainResult whose ``model`` is the trained policy; ``history`` has per-step metrics
-      (reward, kl, kl_coef, entropy, clipfrac, approx_kl, explained_variance, ...).
-      The trained critic is ``result.critic`` (attribute added on the result).
+      TrainResult whose ``model`` is the trained policy, sharded on the mesh; ``history``
+      has per-step metrics (reward, kl, kl_coef, entropy, clipfrac, approx_kl,
+      explained_variance, ...). The trained critic is ``result.critic`` (attribute added
+      on the result): a ValueModel sharded like the policy, or the shared value head
+      [D, 1], replicated.
     """
     if reward_model is None and reward_fn is None:
         raise ValueError("PPO needs a reward: pass reward_model and/or reward_fn")
     if config.shared_critic and critic is not None:
         raise ValueError("shared_critic=True uses a value head on the policy; do not pass a critic")
     validate_records(prompts, required=("prompt",))
-    model = as_model(policy)
+    # One mesh for all four models; every row count split over it is checked here, so a
+    # batch that does not fit fails at start naming its config field.
+    placement = make_placement(config.mesh, policy, config.mesh_rows())
+    model = placed_model(policy, placement)
     pad = pad_id(tokenizer)
     stop_ids = tuple(dict.fromkeys((eos_id(tokenizer), *config.stop_token_ids)))
     loader = PromptLoader(prompts, tokenizer, config.prompts_per_step, seed=config.run.seed,
@@ -606,25 +650,26 @@ def train(
     policy_split = split_model(model)
     ref_params = policy_split.params
     if reference is not None:
-        ref_split = split_model(as_model(reference))
+        ref_split = split_model(placed_model(reference, placement))
         if ref_split.graphdef != policy_split.graphdef:
             raise ValueError("reference must have the policy's architecture (same config); got a different model")
         ref_params = ref_split.params
     if config.shared_critic:
         critic_split = None
-        critic_params = {"value_head": value_head_init(model.config.hidden_size)}
+        critic_params = {"value_head": value_head_init(model.config.hidden_size)}  # replicated by place below
     else:
-        critic_model = _as_critic(critic) if critic is not None else make_critic(model, seed=config.run.seed)
+        critic_model = (_as_critic(critic, placement) if critic is not None
+                        else make_critic(model, seed=config.run.seed, placement=placement))
         critic_split = split_model(critic_model)
         critic_params = critic_split.params
     reward_model_fn = None
     if reward_model is not None:
-        rm = _as_reward_model(reward_model)
+        rm = _as_reward_model(reward_model, placement)
         if rm.config.vocab_size < model.config.vocab_size:
             raise ValueError(f"reward_model vocab_size={rm.config.vocab_size} < policy vocab_size="
                              f"{model.config.vocab_size}: it must share the policy's tokenizer (wrap a "
                              "differently tokenized reward model in a reward_fn instead)")
-        reward_model_fn = _make_reward_model_fn(rm)
+        reward_model_fn = _make_reward_model_fn(rm, placement)
     safe_reward = safe_reward_fn(reward_fn, default=config.reward_default) if reward_fn is not None else None
 
     # optimizers: one chain per parameter group
@@ -645,9 +690,15 @@ def train(
 
     n_rows, t_len = config.num_rows, config.max_new_tokens
     state = {
-        "params": params,
-        "opt_state": tx.init(params),
-        "rng": jax.random.key_data(jax.random.PRNGKey(config.run.seed)),
+        **placement.place({
+            "params": params,
+            "opt_state": tx.init(params),
+            "rng": jax.random.key_data(jax.random.PRNGKey(config.run.seed)),
+        }),
+        # Host state, read and written by host code every step (same values on every
+        # process). The replay buffer stays here too: its rows are cut into minibatches on
+        # the host, which `placement.rows` then splits over the mesh, so it costs no
+        # device memory and needs no resharding when rows are drawn from it.
         "kl_coef": np.asarray(config.kl_coef, np.float32),
         "reward_stats": {k: np.zeros((), np.float32) for k in ("count", "mean", "m2")},
     }
@@ -664,15 +715,16 @@ def train(
         params = state["params"]
         beta = float(state["kl_coef"]) if config.kl_schedule == "adaptive" else config.kl_coef_at(step)
 
-        # sample
+        # sample: each device decodes its own prompt rows; the rollout comes back whole
         prompt_batch = next(loader)
-        rollout = generate(
-            policy_split.merge(full_policy(params["policy"], frozen)), prompt_batch.tokens, prompt_batch.mask,
-            max_new_tokens=t_len, num_samples=config.samples_per_prompt, temperature=config.temperature,
-            top_k=config.top_k, top_p=config.top_p, stop_token_ids=stop_ids, pad_token_id=pad, rng=k_step,
-            prompt_bucket=0,
-        )
-        rollout = apply_stop_strings(rollout, tokenizer, config.stop_strings)
+        with placement.context():
+            rollout = generate(
+                policy_split.merge(full_policy(params["policy"], frozen)), prompt_batch.tokens, prompt_batch.mask,
+                max_new_tokens=t_len, num_samples=config.samples_per_prompt, temperature=config.temperature,
+                top_k=config.top_k, top_p=config.top_p, stop_token_ids=stop_ids, pad_token_id=pad, rng=k_step,
+                prompt_bucket=0, mesh=placement.mesh,
+            )
+        rollout = apply_stop_strings(placement.to_host(rollout), tokenizer, config.stop_strings)
         t_sample = time.perf_counter() - t0
 
         # score
@@ -686,25 +738,28 @@ def train(
         if config.reward_clip is not None:
             scores = np.clip(scores, -config.reward_clip, config.reward_clip)
 
-        # log-probs, values, KL-shaped rewards, GAE
+        # log-probs, values, KL-shaped rewards, GAE: rows split over the mesh
         t1 = time.perf_counter()
-        tokens, full_mask = rollout.full_tokens()
+        tokens, full_mask = placement.to_host(rollout.full_tokens())
         mask = (np.asarray(rollout.mask) * valid[:, None]).astype(np.float32)
-        old_logp, entropy, old_values, ref_logp = _evaluate(params, ref_params, rests, tokens, full_mask,
-                                                            graphs=graphs, opts=opts)
-        targets = _targets_jit(
-            jnp.asarray(scores), old_logp, ref_logp, old_values, jnp.asarray(mask),
-            beta=jnp.float32(beta if config.kl_in_reward else 0.0), kl_kind=config.kl_kind, gamma=config.gamma,
-            lam=config.lam, whiten=config.whiten_advantages, kl_reward_placement=config.kl_reward_placement)
+        rows = placement.rows({"tokens": tokens, "full_mask": full_mask, "scores": scores, "mask": mask})
+        with placement.context():
+            old_logp, entropy, old_values, ref_logp = _evaluate(params, ref_params, rests, rows["tokens"],
+                                                                rows["full_mask"], graphs=graphs, opts=opts)
+            targets = _targets_jit(
+                rows["scores"], old_logp, ref_logp, old_values, rows["mask"],
+                beta=jnp.float32(beta if config.kl_in_reward else 0.0), kl_kind=config.kl_kind, gamma=config.gamma,
+                lam=config.lam, whiten=config.whiten_advantages, kl_reward_placement=config.kl_reward_placement)
+        # whole-batch host copies: minibatches are cut from them, metrics read them
+        evaluated = placement.to_host({"old_logp": old_logp, "entropy": entropy, "old_values": old_values,
+                                       "ref_logp": ref_logp, **targets})
         t_logprob = time.perf_counter() - t1
 
         # update: ppo_epochs × minibatches (+ replayed rows)
         t2 = time.perf_counter()
         current = {
-            "tokens": np.asarray(tokens), "full_mask": np.asarray(full_mask), "mask": mask,
-            "old_logp": np.asarray(old_logp), "old_values": np.asarray(old_values),
-            "advantages": np.asarray(targets["advantages"]), "returns": np.asarray(targets["returns"]),
-            "ref_logp": np.asarray(ref_logp),
+            "tokens": tokens, "full_mask": full_mask, "mask": mask,
+            **{k: evaluated[k] for k in ("old_logp", "old_values", "advantages", "returns", "ref_logp")},
         }
         perm_rng = np.random.default_rng((config.run.seed, step, 20_000))
         update_batch = current
@@ -715,24 +770,26 @@ def train(
                 pick = perm_rng.choice(int(buffer["size"]), config.replay_rows, replace=False)
                 update_batch = {k: np.concatenate([current[k], np.asarray(buffer[k])[pick]]) for k in _REPLAY_KEYS}
                 replay_used = config.replay_rows
-        rows = n_rows + replay_used
-        mb_size = rows // config.minibatches
+        batch_rows = n_rows + replay_used
+        mb_size = batch_rows // config.minibatches
         opt_state, all_finite, update_metrics = state["opt_state"], True, []
         passes = config.ppo_epochs if update_batch["mask"].sum() > 0 else 0  # nothing scored: no step
         for _ in range(passes):
-            order = perm_rng.permutation(rows) if config.minibatches > 1 else np.arange(rows)
+            order = perm_rng.permutation(batch_rows) if config.minibatches > 1 else np.arange(batch_rows)
             for mb in range(config.minibatches):
                 idx = order[mb * mb_size : (mb + 1) * mb_size]
-                mb_batch = {k: jnp.asarray(v[idx]) for k, v in update_batch.items()}
-                mb_batch["kl_coef"] = jnp.asarray(beta, jnp.float32)
-                params, opt_state, finite, m = _update_step(params, opt_state, mb_batch, rests, graphs=graphs, tx=tx,
-                                                           opts=opts)
+                mb_batch = placement.rows({**{k: v[idx] for k, v in update_batch.items()},
+                                           "kl_coef": np.float32(beta)})  # rank 0: replicated
+                with placement.context():
+                    params, opt_state, finite, m = _update_step(params, opt_state, mb_batch, rests, graphs=graphs,
+                                                               tx=tx, opts=opts, placement=placement)
+                finite, m = placement.to_host((finite, m))  # replicated scalars, read on every process
                 all_finite = all_finite and bool(finite)
                 update_metrics.append(m)
         t_update = time.perf_counter() - t2
 
         # KL controller (per-sequence KL of this rollout)
-        seq_kl = np.asarray(targets["kl"]).sum(axis=1)
+        seq_kl = evaluated["kl"].sum(axis=1)
         kl_mean = float(seq_kl[valid].mean()) if valid.any() else 0.0
         kl_coef_state = state["kl_coef"]
         if config.kl_schedule == "adaptive":
@@ -744,11 +801,11 @@ def train(
             new_state["replay"] = _replay_push(state["replay"], current)
         state = new_state
 
-        # metrics
+        # metrics (update metrics are replicated scalars)
         lengths = np.asarray(rollout.lengths)
         mean_update = ({k: float(np.mean([float(m[k]) for m in update_metrics])) for k in update_metrics[0]}
                        if update_metrics else {})
-        rewards_np = np.asarray(targets["rewards"])
+        rewards_np = evaluated["rewards"]
         metrics = {
             **mean_update,
             "reward": float(raw[valid].mean()) if valid.any() else 0.0,
@@ -757,10 +814,10 @@ def train(
             "kl": kl_mean,
             "kl_coef": beta,
             "non_score_reward": float((rewards_np.sum(1) - np.where(valid, scores, 0.0))[valid].mean()) if valid.any() else 0.0,
-            "rollout_entropy": float(ops.masked_mean(entropy, mask)),
-            "explained_variance": explained_variance(np.asarray(old_values), np.asarray(targets["returns"]), mask),
-            "value_mean": float(ops.masked_mean(old_values, mask)),
-            "returns_mean": float(ops.masked_mean(targets["returns"], mask)),
+            "rollout_entropy": float(ops.masked_mean(evaluated["entropy"], mask)),
+            "explained_variance": explained_variance(evaluated["old_values"], evaluated["returns"], mask),
+            "value_mean": float(ops.masked_mean(evaluated["old_values"], mask)),
+            "returns_mean": float(ops.masked_mean(evaluated["returns"], mask)),
             "response_length_mean": float(lengths.mean()),
             "response_length_max": int(lengths.max()),
             "truncated_fraction": float(np.mean(~np.asarray(rollout.finished))),
@@ -772,7 +829,9 @@ def train(
         }
         loop.end_step(step, state, metrics, finite=all_finite, meta={"prompt_loader": loader.state_dict()})
 
-    result = loop.finish(state, model=policy_split.merge(full_policy(state["params"]["policy"], frozen)))
+    # the trained models stay on the mesh, sharded (place: a no-op unless LoRA merged them)
+    trained = placement.place(policy_split.merge(full_policy(state["params"]["policy"], frozen)))
+    result = loop.finish(state, model=trained)
     result.critic = (critic_split.merge(state["params"]["critic"]) if critic_split is not None
                      else state["params"]["critic"]["value_head"])
     result.kl_coef = float(state["kl_coef"]) if config.kl_schedule == "adaptive" else config.kl_coef_at(config.run.total_steps - 1)

@@ -41,11 +41,12 @@ from jaxrl_llm.data.records import load_records
 from jaxrl_llm.data.sampler import BatchLoader
 from jaxrl_llm.data.sft import SFTExample, collate_sft
 from jaxrl_llm.data.tokenization import decode_ids, eos_id, pad_id
+from jaxrl_llm.parallel.placement import MeshConfig, Placement
 from jaxrl_llm.rewards.combine import safe_reward_fn
-from jaxrl_llm.rollout.sampler import generate
+from jaxrl_llm.rollout.sampler import Rollout, generate
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
-from jaxrl_llm.train.policy import as_model, split_model
+from jaxrl_llm.train.policy import as_model, make_placement, placed_model, split_model
 from jaxrl_llm.train.sft import batch_arrays, make_sft_update
 
 SELECTIONS = ("best", "threshold")
@@ -80,6 +81,9 @@ class RFTConfig:
       drop_unfinished: drop candidates cut at max_new_tokens (no stop token).
       loss_agg: ``aggregate_loss`` mode of the SFT loss.
       logprob_chunk_size: tokens per chunk of ``logprobs_from_hidden``.
+      mesh: device mesh (data × fsdp × tensor). sampling_batch_size (prompts per
+        ``generate`` call) and batch_size (SFT rows) must divide by data × fsdp; scoring,
+        filtering and selection run on the host over whole groups.
     """
 
     run: RunConfig = RunConfig(output_dir="runs/rft")
@@ -102,6 +106,7 @@ class RFTConfig:
     drop_unfinished: bool = True
     loss_agg: str = "token_mean"
     logprob_chunk_size: int = 1024
+    mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
         positive = ("prompts_per_iteration", "samples_per_prompt", "sampling_batch_size", "steps_per_iteration",
@@ -187,7 +192,19 @@ class IterationData:
     rows: list[dict]
 
 
-def _sample_iteration(model, loader, config: RFTConfig, tokenizer, reward_fn, rng, stop_ids) -> IterationData:
+def _sample(model, prompts, config: RFTConfig, rng, pad: int, stop_ids, placement: Placement) -> Rollout:
+    """K samples of each prompt of a [B, P] batch, decoded on the mesh (prompt rows split
+    over data × fsdp); the [B·K, ...] rollout comes back whole, as host arrays."""
+    with placement.context():
+        rollout = generate(model, prompts.tokens, prompts.mask, max_new_tokens=config.max_new_tokens,
+                           num_samples=config.samples_per_prompt, temperature=config.temperature, top_k=config.top_k,
+                           top_p=config.top_p, stop_token_ids=stop_ids, pad_token_id=pad, rng=rng, prompt_bucket=0,
+                           mesh=placement.mesh)
+    return placement.to_host(rollout)
+
+
+def _sample_iteration(model, loader, config: RFTConfig, tokenizer, reward_fn, rng, stop_ids,
+                      placement: Placement) -> IterationData:
     k = config.samples_per_prompt
     pad = pad_id(tokenizer)
     examples, rows = [], []
@@ -196,12 +213,8 @@ def _sample_iteration(model, loader, config: RFTConfig, tokenizer, reward_fn, rn
     for round_ in range(config.prompts_per_iteration // config.sampling_batch_size):
         # sample
         prompts = next(loader)
-        rollout = generate(model, prompts.tokens, prompts.mask, max_new_tokens=config.max_new_tokens, num_samples=k,
-                           temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                           stop_token_ids=stop_ids, pad_token_id=pad, rng=jax.random.fold_in(rng, round_),
-                           prompt_bucket=0)
-        tokens, lengths = np.asarray(rollout.tokens), np.asarray(rollout.lengths)
-        finished = np.asarray(rollout.finished)
+        rollout = _sample(model, prompts, config, jax.random.fold_in(rng, round_), pad, stop_ids, placement)
+        tokens, lengths, finished = rollout.tokens, rollout.lengths, rollout.finished
         completions = [decode_ids(tokenizer, tokens[i, :lengths[i]].tolist(), skip_special_tokens=True)
                        for i in range(len(tokens))]
         # score
@@ -323,7 +336,9 @@ def train(
       ``kept_reward_mean``, ``kept_fraction``, candidate filter counts).
     """
     records = load_records(prompts, required=("prompt",))
-    model = as_model(policy)
+    placement = make_placement(config.mesh, policy, {"sampling_batch_size": config.sampling_batch_size,
+                                                     "batch_size": config.batch_size})
+    model = placed_model(policy, placement)
     pad = pad_id(tokenizer)
     stop_ids = tuple(dict.fromkeys((eos_id(tokenizer), *config.stop_token_ids)))
     loader = PromptLoader(records, tokenizer, config.sampling_batch_size, seed=config.run.seed,
@@ -331,8 +346,8 @@ def train(
     safe_reward = safe_reward_fn(reward_fn, default=None)
     split = split_model(model)
     tx = make_optimizer(config.optim, config.run.total_steps)
-    update = make_sft_update(split, tx, config.loss_agg, config.logprob_chunk_size)
-    state = {"params": split.params, "opt_state": tx.init(split.params)}
+    update = make_sft_update(split, tx, config.loss_agg, config.logprob_chunk_size, placement=placement)
+    state = placement.place({"params": split.params, "opt_state": tx.init(split.params)})
     loop = TrainLoop(config, config.run, desc="rft")
     state, start = loop.start(state)
     if "prompt_loader" in loop.meta:
@@ -356,7 +371,7 @@ def train(
             t0 = time.perf_counter()
             current = split.merge(state["params"])
             data = _sample_iteration(current, loader, config, tokenizer, safe_reward,
-                                     jax.random.fold_in(base_key, iteration), stop_ids)
+                                     jax.random.fold_in(base_key, iteration), stop_ids, placement)
             data.metrics["time_sampling"] = time.perf_counter() - t0
             _save_iteration(_iteration_path(loop.output_dir, iteration), data)
             sft_loader = _sft_loader(data.examples, config, pad, iteration) if data.examples else None
@@ -364,9 +379,11 @@ def train(
         t1 = time.perf_counter()
         finite, step_metrics = True, {"loss": 0.0, "skipped_no_data": 1}
         if sft_loader is not None:
-            batch = batch_arrays(next(sft_loader))
-            params, opt_state, finite, m = update(state["params"], state["opt_state"], batch)
+            batch = placement.rows(batch_arrays(next(sft_loader)))
+            with placement.context():
+                params, opt_state, finite, m = update(state["params"], state["opt_state"], batch)
             state = {"params": params, "opt_state": opt_state}
+            finite, m = placement.to_host((finite, m))  # replicated scalars, read on every process
             step_metrics = {**{k: float(v) for k, v in m.items()}, "skipped_no_data": 0}
         step_metrics["time_update"] = time.perf_counter() - t1
         meta = {"prompt_loader": loader.state_dict(),
