@@ -37,6 +37,7 @@ from flax import nnx, struct
 
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.moe import MoEMLP, make_param
+from jaxrl_llm.parallel.sharding import constrain
 from jaxrl_llm.ops.checks import (
     check_int,
     check_leading_dim,
@@ -500,9 +501,13 @@ class Transformer(nnx.Module):
             if block.is_moe and routing is not None:
                 layer_routing = routing[moe_i]
             call = _remat_block if self.remat else _call_block
+            # Rows split over the mesh's batch axes at every block boundary: without the
+            # hint XLA may keep activations replicated over fsdp (a no-op without a mesh).
+            x = constrain(x, ("batch", "length", "embed"))
             x, kv, indices, aux = call(
                 block, x, positions, masks[block.window], kv, index, layer_routing, token_valid
             )
+            x = constrain(x, ("batch", "length", "embed"))
             if block.is_moe:
                 all_indices.append(indices)
                 aux_total = aux_total + aux

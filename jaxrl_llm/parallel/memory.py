@@ -8,8 +8,10 @@ array counts the bytes of ONE shard (its shape divided, dimension by dimension, 
 product of the mesh axes it is split over; replicated arrays count in full on every
 device). The optimizer state is that of the real optax transformation
 (``jax.eval_shape(tx.init, params)``), sharded like its parameters, as
-:class:`~jaxrl_llm.parallel.train_step.TrainStep` places it. The activation, logits and
-KV-cache terms are rough formulas (see :func:`estimate_memory`).
+:class:`~jaxrl_llm.parallel.train_step.TrainStep` places it. FSDP's gathered weights and
+the undonated output state follow from the same shards; the activation, logits and
+KV-cache terms are formulas calibrated against XLA's compiled memory analysis of the SFT
+trainer's update step (see :func:`estimate_memory`, ``benchmarks/memory_estimate.py``).
 
 The mesh may be abstract (a ``{'data': 2, 'fsdp': 64, 'tensor': 8}`` dict or a
 ``(data, fsdp, tensor)`` tuple), so a 1024-chip run can be planned on a laptop.
@@ -18,6 +20,10 @@ Command line::
 
     python -m jaxrl_llm.parallel.memory --config path/to/config.json --mesh 1,8,1 \\
         --batch 64 --seq-len 2048 --remat --kv-cache-len 4096
+
+    # the SFT / RFT trainers' update (chunked log-probs, no donation)
+    python -m jaxrl_llm.parallel.memory --config path/to/config.json --mesh 2,2,2 \\
+        --batch 16 --seq-len 2048 --logits-chunk-size 1024 --no-donate
 """
 
 from __future__ import annotations
@@ -50,7 +56,9 @@ __all__ = [
     "print_memory_estimate",
 ]
 
-MEMORY_TERMS: tuple[str, ...] = ("params", "optimizer", "grads", "activations", "logits", "kv_cache")
+MEMORY_TERMS: tuple[str, ...] = (
+    "params", "optimizer", "grads", "gathered_params", "activations", "logits", "kv_cache", "new_state"
+)
 """The byte terms of :func:`estimate_memory` (their sum is ``total``)."""
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adam", "lion", "momentum", "sgd", "adafactor")
@@ -59,6 +67,20 @@ OPTIMIZERS: tuple[str, ...] = ("adamw", "adam", "lion", "momentum", "sgd", "adaf
 GRAD_DTYPE = jnp.float32
 """The train step accumulates gradients in float32 (``accumulate_gradients``)."""
 LOGITS_DTYPE = jnp.float32
+SOFTMAX_DTYPE = jnp.float32
+"""``jax.nn.dot_product_attention`` (the non-fused "xla" path) always runs the softmax in float32."""
+
+# Activation elements one decoder layer keeps per token for the backward pass, by size
+# class. Calibrated against XLA's compiled memory analysis of the SFT update
+# (tests/parallel/test_memory_vs_compiled.py, benchmarks/memory_estimate.py): the saved
+# residuals of the block as written in ``models/transformer.py``, after XLA's fusion.
+ACT_PER_D = 6
+"""Block input, two RMSNorms (x·rsqrt and the scaled output each), the mid-block residual."""
+ACT_PER_MLP = 5
+"""SwiGLU: gate and up projections, sigmoid(gate), silu(gate), silu(gate)·up."""
+ACT_PER_SCORE = 3
+"""Non-fused attention, per head and key: masked scores, their exp and the probabilities
+(float32); a fused (flash / cuDNN) kernel keeps none of them."""
 
 MeshLike = Union[Mesh, AbstractMesh, Mapping[str, int], Sequence[int]]
 """A mesh, or just its axis sizes: ``{'fsdp': 8}`` or ``(data, fsdp, tensor)``."""
@@ -135,6 +157,41 @@ def per_device_bytes(tree: Any, mesh: MeshLike, rules: Rules = LOGICAL_AXIS_RULE
     return out
 
 
+def _gathered_bytes(
+    tree: Any, mesh: AbstractMesh, rules: Rules, axes: Sequence[str], itemsize: int
+) -> dict[str, int]:
+    """``{path: bytes}`` of the copy of each parameter that the compute all-gathers: the
+    shard with the mesh ``axes`` (those that also split the batch, i.e. FSDP) removed from
+    its spec, in ``itemsize`` bytes. Parameters not split over ``axes`` are used in place
+    (nothing gathered) and are left out."""
+    sizes = dict(mesh.shape)
+    out: dict[str, int] = {}
+
+    def one(path, leaf):
+        spec, _ = _leaf_spec(path, leaf, mesh, rules)
+        used = [set(_axes(entry)) for entry in spec]
+        if not any(u & set(axes) and math.prod(sizes[a] for a in u & set(axes)) > 1 for u in used):
+            return None
+        kept = PartitionSpec(*(tuple(a for a in _axes(entry) if a not in axes) or None for entry in spec))
+        value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+        shape = tuple(getattr(value, "shape", np.shape(value)))
+        out[jax.tree_util.keystr(path)] = _shard_elems(shape, kept, sizes) * itemsize
+        return None
+
+    jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return out
+
+
+def _layer_of(path: str) -> str:
+    """The decoder layer a parameter path belongs to (the path up to ``['layers'][i]``),
+    or the path itself for parameters outside the layers (embedding, final norm)."""
+    marker = "['layers']["
+    if marker not in path:
+        return path
+    i = path.index(marker) + len(marker)
+    return path[: path.index("]", i)]
+
+
 def _make_tx(optimizer: str | optax.GradientTransformation | None) -> optax.GradientTransformation | None:
     if optimizer is None or isinstance(optimizer, optax.GradientTransformation):
         return optimizer
@@ -176,9 +233,18 @@ def estimate_memory(
     num_microbatches: int = 1,
     logits_chunk_size: int | None = None,
     moe_impl: str = "dense",
+    fused_attention: bool = False,
+    donate: bool = True,
     model_factory: Callable[[], nnx.Module] | None = None,
 ) -> dict[str, int]:
     """Per-device memory, in bytes, of one model trained (or run) on ``mesh`` under ``rules``.
+
+    The ``total`` is the peak footprint of one update step (arguments, outputs and XLA
+    temporaries). Against XLA's compiled memory analysis of the SFT trainer's real update
+    (float32, no remat, 8 simulated CPU devices) it is 0.84–1.01 × the compiled
+    footprint on 1×1×1, 8×1×1, 2×1×4, 4×1×2 and 2×2×2 meshes
+    (``tests/parallel/test_memory_vs_compiled.py`` asserts within 25 %;
+    ``python benchmarks/memory_estimate.py`` prints the comparison). Keep ~20 % headroom.
 
     Exact terms (from the abstract model and the rules, nothing allocated):
 
@@ -188,6 +254,16 @@ def estimate_memory(
     * ``optimizer``: the state of the optax transformation
       (``jax.eval_shape(tx.init, params)``), each statistic sharded like its parameter
       (AdamW: 2 × params; lion / momentum: 1 ×; sgd: 0; adafactor: factored).
+    * ``gathered_params``: FSDP. A parameter split over a mesh axis that also splits the
+      batch (``fsdp`` under the default rules) is all-gathered for its matmuls, and XLA
+      keeps the gathered copy (still split over ``tensor``) from the forward to the
+      backward: Σ over such parameters of their shard without the batch axes, in
+      ``dtype``. Frozen model or ``remat=True`` (the backward re-gathers what it
+      recomputes): one layer's worth. 0 without FSDP.
+    * ``new_state`` (``donate=False`` only): a step that does not donate its input state
+      writes the new params and optimizer state to fresh buffers. They are written last,
+      after the activations are freed, and XLA reuses their memory for activations before
+      that, so only ``max(0, params + optimizer − activations − logits)`` adds to the peak.
 
     Rough terms, per device, with ``b = ceil(batch / (num_microbatches · n_batch))``
     micro-batch rows (``n_batch``: mesh size of the ``batch`` rule, default data·fsdp),
@@ -196,26 +272,38 @@ def estimate_memory(
     (``H_t = H / heads shards`` etc.):
 
     * ``activations``: what one forward keeps for the backward. Per layer and token
-      ``e = 4·D + 2·H_t·Hd + 2·K_t·Hd + H_t·L + 3·F_t`` elements (block input and
-      normed inputs, q / k / v / attention output, the attention probabilities of a
-      non-fused attention, SwiGLU gate / up / product; MoE layers: ``3·F·E_t`` for the
-      "dense" expert implementation, ``3·F·k`` for "ragged", plus the router's ``E``).
-      ``remat=False``: ``N · b · L · e · a``. ``remat=True`` (each block under
-      ``jax.checkpoint``): ``N · b · L · D · a + b · L · e · a`` (saved block inputs plus
-      one block recomputed). Frozen model (``optimizer=None``, forward only):
-      ``b · L · e · a``. Fused (flash) attention removes the ``H_t·L`` term.
-    * ``logits``: float32 logits and log-softmax, ``2 · b · L · V_t · 4``; with
-      ``logits_chunk_size=c`` (``ops.logprobs_from_hidden``) ``b · L`` becomes
-      ``min(c, b · L)``.
+      ``e = (6·D + 2·H_t·Hd + 2·K_t·Hd + 5·F_t) · a + 3·H_t·L · 4`` bytes: block input,
+      two RMSNorms (normalised and scaled output each), mid-block residual; q / k / v and
+      the attention output; SwiGLU gate, up, sigmoid(gate), silu(gate), product (MoE
+      layers: ``5·F·E_t`` for the "dense" expert implementation, ``5·F·k`` for "ragged",
+      plus the router's ``E``); and, for the non-fused attention
+      (``jax.nn.dot_product_attention`` "xla"), the masked scores, their exponentials and
+      the probabilities, which it computes in float32 (``fused_attention=True``, i.e.
+      cuDNN / flash: none). The coefficients (``ACT_PER_*``) are the residuals XLA keeps
+      for ``models/transformer.py`` (calibrated in float32 on XLA:CPU by varying L, the
+      batch and the depth: per layer they match the compiled temporaries within ~1 %).
+      ``remat=False``: ``N · b · L · e``. ``remat=True`` (each block under
+      ``jax.checkpoint``): ``N · b · L · D · a + b · L · e`` (saved block inputs
+      plus one block recomputed; XLA:CPU's scheduler runs every layer's recomputation
+      before the backward, so there remat saves almost nothing and this term is low).
+      Frozen model (``optimizer=None``, forward only): ``b · L · e``.
+    * ``logits``: float32 logits and log-softmax, ``2 · b · L · V_t · 4``. With
+      ``logits_chunk_size=c`` (``ops.logprobs_from_hidden``, which the trainers use) the
+      logits of ``c`` tokens of the whole (micro-)batch exist at a time, split over the
+      batch shards like the rows: ``2 · ceil(min(c, batch/num_microbatches · L) /
+      n_batch) · V_t · 4``.
     * ``kv_cache``: sampling with a cache of ``kv_cache_len`` slots for
       ``kv_cache_batch`` (default ``batch``) rows: ``2 · N · ceil(rows / n_batch) ·
       kv_cache_len · K_t · Hd · a`` — the layout ``[N, B, S, K, Hd]`` split over
       ``batch`` and ``kv_heads``. 0 when ``kv_cache_len`` is None.
 
-    Not counted: XLA temporaries and fragmentation (keep ~10–20 % headroom), FSDP's
-    gathered copy of the current layer's weights (``per-layer params × fsdp``), the
-    batch itself, and other models on the same mesh (sum their estimates: e.g. a
-    frozen reference with ``optimizer=None``).
+    Not counted: XLA's fragmentation and small temporaries (the compiled footprint is
+    typically 0–15 % above ``total``), the batch itself, and other models on the same
+    mesh (sum their estimates: e.g. a frozen reference with ``optimizer=None``). The
+    estimate assumes activations split over the batch axes; a model that lets XLA
+    replicate them (no activation sharding constraint, with ``fsdp`` > 1) uses more.
+    On XLA:CPU, ``bfloat16`` compute is partly carried out in float32 (more memory than
+    estimated); accelerators compute in ``bfloat16``.
 
     Args:
       config: a ``ModelConfig`` (``jaxrl_llm.models``).
@@ -231,8 +319,13 @@ def estimate_memory(
       kv_cache_len: S, KV-cache slots for sampling (prompt + max new tokens), or None.
       kv_cache_batch: rows of the KV cache (prompts × samples); default ``batch``.
       num_microbatches: gradient-accumulation steps (divides the activations).
-      logits_chunk_size: chunk (tokens) of a chunked log-prob computation, or None.
+      logits_chunk_size: chunk (tokens) of a chunked log-prob computation
+        (``logprob_chunk_size`` of the trainer configs), or None (full logits).
       moe_impl: "dense" or "ragged" (MoE models only).
+      fused_attention: attention by a fused kernel (``attention_impl="cudnn"``) that keeps
+        no ``[L, L]`` scores.
+      donate: the step donates its input params / optimizer state (``make_train_step``'s
+        default). The trainers' ``make_sft_update`` does not: pass False for them.
       model_factory: zero-argument callable building the model (default
         ``CausalLM(config, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype)``).
 
@@ -285,32 +378,62 @@ def estimate_memory(
     vocab = -(-c.vocab_size // _dim_shards("vocab", c.vocab_size, rules, amesh))
     d, hd, L = c.hidden_size, c.head_dim, seq_len
 
-    def layer_elems(layer: int) -> int:
-        attn = 4 * d + 2 * heads * hd + 2 * kv_heads * hd + heads * L
+    def layer_bytes(layer: int) -> int:
+        """Bytes one token keeps in layer ``layer`` for the backward (see the docstring)."""
+        linear = ACT_PER_D * d + 2 * heads * hd + 2 * kv_heads * hd
         if c.is_moe_layer(layer):
             f = c.moe_intermediate_size
             experts = -(-c.num_experts // _dim_shards("experts", c.num_experts, rules, amesh))
-            mlp = 3 * f * (experts if moe_impl == "dense" else c.num_experts_per_tok) + c.num_experts
+            linear += ACT_PER_MLP * f * (experts if moe_impl == "dense" else c.num_experts_per_tok)
+            linear += c.num_experts
         else:
             f = c.intermediate_size
-            mlp = 3 * -(-f // _dim_shards("mlp", f, rules, amesh))
-        return attn + mlp
+            linear += ACT_PER_MLP * -(-f // _dim_shards("mlp", f, rules, amesh))
+        scores = 0 if fused_attention else ACT_PER_SCORE * heads * L
+        return linear * act_bytes + scores * np.dtype(SOFTMAX_DTYPE).itemsize
+
+    # FSDP: a weight split over a batch axis is all-gathered for the matmuls; XLA keeps the
+    # gathered copy from the forward to the backward (the two gathers are one after CSE).
+    batch_spec, _ = resolve_spec(("batch",), rules, shape=(batch,), mesh=amesh)
+    batch_axes = _axes(batch_spec[0] if len(batch_spec) else None)
+    gathered = _gathered_bytes(params, amesh, rules, batch_axes, act_bytes)
+    if tx is None or remat:  # forward only / recomputed per block: one layer's weights at a time
+        groups: dict[str, int] = {}
+        for path, size in gathered.items():
+            groups[_layer_of(path)] = groups.get(_layer_of(path), 0) + size
+        out["gathered_params"] = max(groups.values(), default=0)
+    else:
+        out["gathered_params"] = sum(gathered.values())
 
     tokens = rows * L
-    per_layer = [layer_elems(i) for i in range(c.num_layers)]
+    per_layer = [layer_bytes(i) for i in range(c.num_layers)]
     if tx is None:
         act = tokens * max(per_layer)
     elif remat:
-        act = c.num_layers * tokens * d + tokens * max(per_layer)
+        act = c.num_layers * tokens * d * act_bytes + tokens * max(per_layer)
     else:
         act = tokens * sum(per_layer)
-    out["activations"] = act * act_bytes
-    logit_tokens = tokens if logits_chunk_size is None else min(logits_chunk_size, tokens)
-    out["logits"] = 2 * logit_tokens * vocab * np.dtype(LOGITS_DTYPE).itemsize
+    out["activations"] = act
+    logit_bytes = np.dtype(LOGITS_DTYPE).itemsize
+    if logits_chunk_size is None:
+        out["logits"] = 2 * tokens * vocab * logit_bytes
+    else:
+        # ops.logprobs_from_hidden: a [chunk, V] float32 block of the GLOBAL flattened
+        # batch (of one micro-batch) at a time, its tokens split over the batch shards like
+        # the rows; the backward recomputes the block and also holds its gradient.
+        micro_tokens = -(-batch // num_microbatches) * L
+        chunk = -(-min(logits_chunk_size, micro_tokens) // n_batch)
+        out["logits"] = 2 * chunk * vocab * logit_bytes
     if kv_cache_len is not None:
         kv_rows_total = batch if kv_cache_batch is None else kv_cache_batch
         kv_rows = -(-kv_rows_total // _dim_shards("batch", kv_rows_total, rules, amesh))
         out["kv_cache"] = 2 * c.num_layers * kv_rows * kv_cache_len * kv_heads * hd * act_bytes
+    if tx is not None and not donate:
+        # Without donation the step writes the new params and optimizer state to fresh
+        # buffers. They are written at the end (the optimizer update), when the
+        # activations are dead, and XLA reuses their memory for activations before that:
+        # only what exceeds activations + logits adds to the peak.
+        out["new_state"] = max(0, out["params"] + out["optimizer"] - out["activations"] - out["logits"])
     out = {k: int(v) for k, v in out.items()}
     out["total"] = sum(out[k] for k in MEMORY_TERMS)
     out["num_params"] = num_params
@@ -336,13 +459,13 @@ def format_memory_estimate(estimate: Mapping[str, int], title: str = "") -> str:
     """The estimate as a text table: one row per term, bytes and share of the total."""
     total = max(estimate["total"], 1)
     lines = [title] if title else []
-    lines.append(f"{'term':<12} {'per device':>14} {'share':>7}")
-    lines.append("-" * 35)
+    lines.append(f"{'term':<15} {'per device':>14} {'share':>7}")
+    lines.append("-" * 38)
     for term in MEMORY_TERMS:
         value = estimate[term]
-        lines.append(f"{term:<12} {_human(value):>14} {100 * value / total:>6.1f}%")
-    lines.append("-" * 35)
-    lines.append(f"{'total':<12} {_human(estimate['total']):>14} {100.0:>6.1f}%")
+        lines.append(f"{term:<15} {_human(value):>14} {100 * value / total:>6.1f}%")
+    lines.append("-" * 38)
+    lines.append(f"{'total':<15} {_human(estimate['total']):>14} {100.0:>6.1f}%")
     return "\n".join(lines)
 
 
@@ -390,7 +513,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--microbatches", type=int, default=1)
     p.add_argument("--kv-cache-len", type=int, default=None)
     p.add_argument("--kv-cache-batch", type=int, default=None)
-    p.add_argument("--logits-chunk-size", type=int, default=None)
+    p.add_argument("--logits-chunk-size", type=int, default=None,
+                   help="logprob_chunk_size of the trainer (chunked log-probs)")
+    p.add_argument("--fused-attention", action="store_true", help="cuDNN / flash attention")
+    p.add_argument("--no-donate", action="store_true",
+                   help="the step does not donate its input state (make_sft_update)")
     p.add_argument("--replicate-over-fsdp", action="store_true",
                    help="rules of a frozen model replicated over data/fsdp (rules_for_role)")
     return p.parse_args(argv)
@@ -424,6 +551,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
         kv_cache_batch=args.kv_cache_batch,
         num_microbatches=args.microbatches,
         logits_chunk_size=args.logits_chunk_size,
+        fused_attention=args.fused_attention,
+        donate=not args.no_donate,
     )
 
 

@@ -41,7 +41,7 @@ from jaxrl_llm.parallel.mesh import MESH_AXES, make_mesh
 from jaxrl_llm.parallel.rules import LOGICAL_AXIS_RULES, Rules, resolve_spec, validate_rules
 from jaxrl_llm.parallel.sharding import batch_sharding, model_shardings, sharding_context
 
-__all__ = ["MeshConfig", "Placement", "host_array"]
+__all__ = ["MeshConfig", "Placement", "forward_rows", "host_array"]
 
 logger = logging.getLogger(__name__)
 
@@ -320,6 +320,10 @@ class Placement:
         processes when an array spans several)."""
         return jax.tree.map(host_array, tree, is_leaf=lambda x: x is None)
 
+    def forward_rows(self, fn: Callable, rows: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+        """:func:`forward_rows` on this placement's mesh."""
+        return forward_rows(fn, rows, batch_size, self)
+
     @contextlib.contextmanager
     def context(self) -> Iterator[Mesh]:
         """Set the mesh and rules for tracing (activation constraints in model code)."""
@@ -329,3 +333,28 @@ class Placement:
     def describe(self) -> dict:
         """``{"data": d, "fsdp": f, "tensor": t}`` of the mesh."""
         return {a: int(self.mesh.shape[a]) for a in MESH_AXES}
+
+
+def forward_rows(
+    fn: Callable, rows: Sequence[np.ndarray], batch_size: int, placement: Placement | None = None
+) -> np.ndarray:
+    """``fn`` over host arrays ``rows`` (each [R, ...]) in forwards of ``batch_size`` rows.
+
+    The last forward is padded with copies of its first row, so every forward has one
+    compiled shape. With a ``placement`` each forward's rows are split over its batch axes
+    (``batch_size`` must divide by them); without one they go to ``fn`` whole. Returns
+    fn's [R, ...] outputs on the host.
+    """
+    out = []
+    for start in range(0, len(rows[0]), batch_size):
+        chunk = [np.asarray(x[start : start + batch_size]) for x in rows]
+        n = len(chunk[0])
+        if n < batch_size:
+            chunk = [np.concatenate([x, np.repeat(x[:1], batch_size - n, 0)]) for x in chunk]
+        if placement is None:
+            out.append(host_array(fn(*chunk))[:n])
+            continue
+        with placement.context():
+            values = fn(*placement.rows(chunk))
+        out.append(placement.to_host(values)[:n])
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)

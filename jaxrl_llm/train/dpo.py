@@ -43,11 +43,12 @@ from jaxrl_llm.data.preferences import (
 )
 from jaxrl_llm.data.records import load_records
 from jaxrl_llm.data.tokenization import pad_id
+from jaxrl_llm.parallel.placement import MeshConfig, Placement
 from jaxrl_llm.train.guard import apply_if_finite
 from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
-from jaxrl_llm.train.policy import SplitModel, as_model, split_model
+from jaxrl_llm.train.policy import SplitModel, make_placement, placed_model, split_model
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ class DPOConfig:
       logprob_chunk_size: tokens per chunk of ``logprobs_from_hidden``.
       lora: train low-rank adapters instead of all weights (rank 0: off); the default
         reference is then the frozen base model.
+      mesh: device mesh (data × fsdp × tensor) of the policy, the reference and the
+        reference pass; batch_size must divide by data × fsdp.
     """
 
     run: RunConfig = RunConfig(output_dir="runs/dpo")
@@ -101,6 +104,7 @@ class DPOConfig:
     moe_aux_coef: float = 0.0
     logprob_chunk_size: int = 1024
     lora: LoRAConfig = LoRAConfig()
+    mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
         for name in ("batch_size", "max_len", "logprob_chunk_size"):
@@ -245,12 +249,13 @@ def make_preference_loader(
     return loader, data_stats
 
 
-def batch_arrays(batch: PreferenceBatch) -> dict[str, jax.Array]:
-    """The concatenated ``[2B, L]`` arrays of a batch: tokens, attention_mask, mask
-    (1.0 on response tokens), chosen rows first."""
+def batch_arrays(batch: PreferenceBatch) -> dict[str, np.ndarray]:
+    """The concatenated ``[2B, L]`` host arrays of a batch: tokens, attention_mask, mask
+    (1.0 on response tokens), chosen rows first. Host arrays, so ``Placement.rows``
+    transfers each process only its own rows."""
     tokens, mask, attention = batch.concatenated()
-    return {"tokens": jnp.asarray(tokens, jnp.int32), "attention_mask": jnp.asarray(attention, jnp.int32),
-            "mask": jnp.asarray(mask, jnp.float32)}
+    return {"tokens": np.asarray(tokens, np.int32), "attention_mask": np.asarray(attention, np.int32),
+            "mask": np.asarray(mask, np.float32)}
 
 
 # ---------------------------------------------------------------------------- loss
@@ -370,9 +375,10 @@ def _make_ref_fn(ref_split: SplitModel, chunk_size: int):
     return jax.jit(ref_fn)
 
 
-def _make_update(split: SplitModel, tx, config: DPOConfig, ref_split: SplitModel | None):
+def _make_update(split: SplitModel, tx, config: DPOConfig, ref_split: SplitModel | None, placement: Placement):
     """Jitted step. With ``ref_split`` the reference sums are computed inside the step from
-    ``ref_params``; otherwise they come in ``batch["ref_sums"]`` (cache or reference-free)."""
+    ``ref_params``; otherwise they come in ``batch["ref_sums"]`` (cache or reference-free).
+    The new params and optimizer state keep their sharding on ``placement``'s mesh."""
 
     def update(params, opt_state, batch, ref_params, frozen=None):
         if ref_split is not None:
@@ -387,6 +393,7 @@ def _make_update(split: SplitModel, tx, config: DPOConfig, ref_split: SplitModel
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         params, opt_state, finite = apply_if_finite(tx, params, opt_state, grads, loss)
+        params, opt_state = placement.constrain((params, opt_state))
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         return params, opt_state, finite, {"loss": loss, "grad_norm": grad_norm, **metrics}
 
@@ -397,30 +404,37 @@ def _make_update(split: SplitModel, tx, config: DPOConfig, ref_split: SplitModel
 
 
 def precompute_reference_logprobs(
-    reference: nnx.Module, loader: PreferenceLoader, config: DPOConfig, pad_token_id: int
+    reference: Any, loader: PreferenceLoader, config: DPOConfig, pad_token_id: int,
+    placement: Placement | None = None,
 ) -> np.ndarray:
     """Σ log π_ref of the chosen and rejected response of every pair, computed once.
 
     Batches of ``config.batch_size`` pairs padded to ``config.max_len`` (one compilation;
-    the last batch is filled with copies of the first pair and those rows are discarded).
+    the last batch is filled with copies of the first pair and those rows are discarded),
+    their ``[2B, L]`` rows split over the mesh's data × fsdp.
 
     Args:
-      reference: the frozen reference model.
+      reference: the frozen reference model (or a local checkpoint path).
       loader: the training PreferenceLoader (its tokenized pairs ``loader.items``).
       config: DPOConfig.
       pad_token_id: the tokenizer's pad id.
+      placement: the run's placement (default: one built from ``config.mesh``); the
+        reference is placed on its mesh (in place).
 
     Returns:
       [len(loader.records), 2] float32 (chosen, rejected) sums, indexed like
-      ``loader.records`` (rows of pairs not trained on are NaN).
+      ``loader.records`` (rows of pairs not trained on are NaN); the same on every process.
     """
-    ref_split = split_model(reference)
+    b = config.batch_size
+    placement = placement or make_placement(config.mesh, reference, {"batch_size": b})
+    ref_split = split_model(placed_model(reference, placement))
     ref_fn = _make_ref_fn(ref_split, config.logprob_chunk_size)
     out = np.full((len(loader.records), 2), np.nan, np.float32)
-    b = config.batch_size
     for chunk, n in _fixed_batches(loader.items, b):
         batch = collate_pairs(chunk, pad_token_id=pad_token_id, bucket="max", max_len=config.max_len)
-        sums = np.asarray(ref_fn(ref_split.params, batch_arrays(batch)))
+        with placement.context():
+            sums = ref_fn(ref_split.params, placement.rows(batch_arrays(batch)))
+        sums = placement.to_host(sums)  # [2B]: small, whole on every process
         for k, ex in enumerate(chunk[:n]):
             out[ex.index] = (sums[k], sums[b + k])
     return out
@@ -462,31 +476,37 @@ def train(
         reference_free.
 
     Returns:
-      TrainResult (trained model, per-step metrics, output_dir). ``output_dir`` also holds
+      TrainResult (trained model, sharded on ``config.mesh``; per-step metrics,
+      output_dir). A given policy / reference model is placed on the mesh in place, a
+      checkpoint path is loaded straight into its sharding. ``output_dir`` also holds
       ``data_stats.json`` (PreferenceDataStats) and, with precompute_reference,
       ``reference_logprobs.npz``.
     """
-    model = as_model(policy)
+    # Every split array holds 2B rows (chosen then rejected): B dividing data × fsdp suffices.
+    placement = make_placement(config.mesh, policy, {"batch_size": config.batch_size})
+    model = placed_model(policy, placement)
     loader, data_stats = make_preference_loader(config, tokenizer, preferences)
     batches = _IndexedLoader(loader)
     split = split_model(model)
     tx = make_optimizer(config.optim, config.run.total_steps)
     frozen = split.params if config.lora.enabled else None
     trainable = init_lora(split.params, config.lora, jax.random.PRNGKey(config.run.seed)) if frozen else split.params
-    state = {"params": trainable, "opt_state": tx.init(trainable)}
+    state = placement.place({"params": trainable, "opt_state": tx.init(trainable)})
     loop = TrainLoop(config, config.run, desc="dpo")
-    (loop.output_dir / DATA_STATS).write_text(json.dumps(dataclasses.asdict(data_stats), indent=1))
+    if loop.is_writer:
+        (loop.output_dir / DATA_STATS).write_text(json.dumps(dataclasses.asdict(data_stats), indent=1))
 
     ref_split = ref_params = cache = None
     if not config.reference_free:
-        ref_model = as_model(reference) if reference is not None else None
+        ref_model = placed_model(reference, placement) if reference is not None else None
         if config.precompute_reference:
-            cache = _load_or_compute_cache(ref_model or model, loader, config, loop.output_dir, pad_id(tokenizer))
+            cache = _load_or_compute_cache(ref_model or model, loader, config, loop.output_dir, pad_id(tokenizer),
+                                           placement)
             del ref_model  # the reference is not needed any more
         else:
             ref_split = split_model(ref_model) if ref_model is not None else split
             ref_params = ref_split.params
-    update = _make_update(split, tx, config, ref_split)
+    update = _make_update(split, tx, config, ref_split, placement)
 
     state, start = loop.start(state)
     if "loader" in loop.meta:
@@ -497,11 +517,15 @@ def train(
         arrays = batch_arrays(batch)
         if ref_split is None:
             if cache is not None:
-                arrays["ref_sums"] = jnp.asarray(np.concatenate([cache[indices, 0], cache[indices, 1]]))
+                arrays["ref_sums"] = np.concatenate([cache[indices, 0], cache[indices, 1]])
             else:
-                arrays["ref_sums"] = jnp.zeros((2 * len(indices),), jnp.float32)
-        params, opt_state, finite, metrics = update(state["params"], state["opt_state"], arrays, ref_params, frozen)
+                arrays["ref_sums"] = np.zeros((2 * len(indices),), np.float32)
+        arrays = placement.rows(arrays)
+        with placement.context():
+            params, opt_state, finite, metrics = update(state["params"], state["opt_state"], arrays, ref_params,
+                                                        frozen)
         state = {"params": params, "opt_state": opt_state}
+        finite, metrics = placement.to_host((finite, metrics))
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["tokens_per_s"] = float(np.asarray(batch.chosen_attention_mask).sum()
                                         + np.asarray(batch.rejected_attention_mask).sum()) / max(time.perf_counter() - t0, 1e-9)
@@ -511,8 +535,9 @@ def train(
 
 
 def _load_or_compute_cache(reference: nnx.Module, loader: PreferenceLoader, config: DPOConfig,
-                           output_dir: Path, pad_token_id: int) -> np.ndarray:
-    """The reference cache: read back from output_dir when resuming (same data), else computed."""
+                           output_dir: Path, pad_token_id: int, placement: Placement) -> np.ndarray:
+    """The reference cache: read back from output_dir when resuming (same data), else
+    computed on the mesh (every process holds all of it; process 0 writes the file)."""
     path = output_dir / REFERENCE_CACHE
     if config.run.resume and path.exists():
         with np.load(path) as f:
@@ -521,11 +546,12 @@ def _load_or_compute_cache(reference: nnx.Module, loader: PreferenceLoader, conf
             return cache
         logger.warning("ignoring %s: shape %s does not match %d pairs", path, cache.shape, len(loader.records))
     t0 = time.perf_counter()
-    cache = precompute_reference_logprobs(reference, loader, config, pad_token_id)
+    cache = precompute_reference_logprobs(reference, loader, config, pad_token_id, placement)
     logger.info("reference log-probs of %d pairs computed in %.1fs", len(loader.items), time.perf_counter() - t0)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, sums=cache)
-    tmp.replace(path)
+    if jax.process_index() == 0:  # one writer on a shared output_dir
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, sums=cache)
+        tmp.replace(path)
     return cache
 
 
@@ -539,19 +565,24 @@ def evaluate(
 ) -> dict[str, float]:
     """Preference metrics of ``policy`` over a whole dataset (no update), e.g. a held-out set.
 
+    Runs on ``config.mesh`` (batch_size must divide by data × fsdp): the policy and the
+    reference are placed there (in place; a no-op for models already there), the rows of
+    every batch split over data × fsdp; only the per-pair values come back to the host.
+
     Returns:
       pair means of ``reward_accuracy``, ``reward_margin``, ``chosen_reward``,
       ``rejected_reward`` and ``logp_accuracy``: the fraction of pairs where the policy
       alone gives the chosen response a higher log-prob (length-normalised when
       configured) than the rejected one; and ``num_pairs``.
     """
-    model = as_model(policy)
+    b = config.batch_size
+    placement = make_placement(config.mesh, policy, {"batch_size": b})
+    model = placed_model(policy, placement)
     loader, _ = make_preference_loader(config, tokenizer, preferences, shuffle=False)
     split = split_model(model)
     ref_split = None
     if not config.reference_free:
-        ref_split = split_model(as_model(reference)) if reference is not None else split
-    b = config.batch_size
+        ref_split = split_model(placed_model(reference, placement)) if reference is not None else split
 
     @jax.jit
     def per_pair(params, ref_params, batch):
@@ -567,9 +598,11 @@ def evaluate(
     values: dict[str, list] = {}
     for chunk, n in _fixed_batches(loader.items, b):
         batch = collate_pairs(chunk, pad_token_id=pad_id(tokenizer), bucket="max", max_len=config.max_len)
-        out = per_pair(split.params, None if ref_split is None else ref_split.params, batch_arrays(batch))
-        for k, v in out.items():
-            values.setdefault(k, []).append(np.asarray(v)[:n])
+        with placement.context():
+            out = per_pair(split.params, None if ref_split is None else ref_split.params,
+                           placement.rows(batch_arrays(batch)))
+        for k, v in placement.to_host(out).items():  # [B] per pair
+            values.setdefault(k, []).append(v[:n])
     result = {k: float(np.mean(np.concatenate(v))) for k, v in values.items()}
     result["num_pairs"] = len(loader.items)
     return result

@@ -13,6 +13,10 @@ Judges score the K candidates of a prompt:
   in the other order and the two are averaged (removes position bias). A prompt's K
   candidates are compared in every pair and scored by their mean win probability.
 
+Model-based judges run on a device mesh (``mesh=MeshConfig(...)``, default: every device,
+data parallel): the model is placed by the sharding rules once, and each scoring batch
+(``batch_size`` rows, which must divide by data × fsdp) is split over the batch axes.
+
 ``build_preferences`` turns scores into records with ``data.preferences_from_scores``
 (ties dropped or kept with label 0.5); ``judge_agreement`` measures how two judges agree
 on every candidate pair (Cohen's κ, ``data.cohens_kappa``).
@@ -40,8 +44,9 @@ from jaxrl_llm.data.padding import bucket_length, pad_rows
 from jaxrl_llm.data.preferences import SCORE_MODES, TIE_POLICIES, cohens_kappa, preferences_from_scores
 from jaxrl_llm.data.records import save_records, validate_records
 from jaxrl_llm.data.tokenization import encode_text, pad_id, render_prompt, response_text
+from jaxrl_llm.parallel.placement import MeshConfig
 from jaxrl_llm.rewards.combine import safe_reward_fn
-from jaxrl_llm.train.policy import as_model, response_logprobs, split_model
+from jaxrl_llm.train.policy import make_placement, placed_model, response_logprobs, split_model
 from jaxrl_llm.train.reward_model import as_reward_model, score_sequences
 
 DEFAULT_TEMPLATE = (
@@ -94,12 +99,17 @@ class RewardModelJudge:
       model: RewardModel / ScalarHeadModel / CausalLM backbone / checkpoint path.
       tokenizer: the reward model's tokenizer.
       max_len: longest prompt + response; longer responses are cut at the end.
-      batch_size: rows per forward.
+      batch_size: rows per forward (must divide by mesh.data × mesh.fsdp).
       add_eos: append eos to each response (match the reward model's training).
+      mesh: device mesh the reward model is placed on (params sharded by the rules);
+        each forward's rows are split over data × fsdp.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, max_len: int = 512, batch_size: int = 32, add_eos: bool = True):
-        self.model = as_reward_model(model)
+    def __init__(self, model: Any, tokenizer: Any, *, max_len: int = 512, batch_size: int = 32, add_eos: bool = True,
+                 mesh: MeshConfig = MeshConfig()):
+        self.placement = make_placement(mesh, model, {"batch_size": batch_size})
+        # placed by the rules; a checkpoint path is streamed straight into its sharding
+        self.model = as_reward_model(model, placement=self.placement)
         self.tokenizer, self.max_len, self.batch_size, self.add_eos = tokenizer, max_len, batch_size, add_eos
 
     def __call__(self, records: Sequence[dict], tokenizer: Any = None) -> Scores:
@@ -121,7 +131,7 @@ class RewardModelJudge:
         if not rows:
             return out
         tokens, mask = pad_rows(rows, bucket_length(max(len(r) for r in rows), 16, self.max_len), pad_id(tok))
-        scores = score_sequences(self.model, tokens, mask, self.batch_size)
+        scores = score_sequences(self.model, tokens, mask, self.batch_size, placement=self.placement)
         for owner, value in zip(owners, scores):
             out[owner].append(float(value))
         return out
@@ -151,18 +161,21 @@ class AIFeedbackJudge:
       labels: texts naming the first / second answer.
       swap: ask both orders.
       max_prompt_len: longest comparison prompt in tokens (longer: ValueError).
-      batch_size: comparisons per forward.
+      batch_size: comparisons per forward (must divide by mesh.data × mesh.fsdp).
+      mesh: device mesh the LM is placed on (params sharded by the rules); each
+        forward's comparisons are split over data × fsdp.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, template: str = DEFAULT_TEMPLATE,
                  labels: tuple[str, str] = (" A", " B"), swap: bool = True, max_prompt_len: int = 512,
-                 batch_size: int = 16):
+                 batch_size: int = 16, mesh: MeshConfig = MeshConfig()):
         for key in ("{prompt}", "{first}", "{second}"):
             if key not in template:
                 raise ValueError(f"template must contain {key}; got {template!r:.120}")
         if len(labels) != 2 or labels[0] == labels[1]:
             raise ValueError(f"labels must be two different strings, got {labels!r}")
-        self.model = as_model(model)
+        self.placement = make_placement(mesh, model, {"batch_size": batch_size})
+        self.model = placed_model(model, self.placement)
         self.tokenizer, self.template, self.swap = tokenizer, template, swap
         self.max_prompt_len, self.batch_size = max_prompt_len, batch_size
         self.label_ids = [encode_text(tokenizer, label) for label in labels]
@@ -190,22 +203,15 @@ class AIFeedbackJudge:
         pad = pad_id(tok)
         prompt_tok, prompt_mask = pad_rows(prompts, p_len, pad, "left")
         split = split_model(self.model)
+        label_logp = functools.partial(_label_logprobs, split.params, split.rest, graph=split.graphdef,
+                                       prompt_len=p_len)
         logps = []
         for label in self.label_ids:
             lab_tok, lab_mask = pad_rows([label] * len(prompts), t_len, pad)
             tokens = np.concatenate([prompt_tok, lab_tok], 1)
             full = np.concatenate([prompt_mask, lab_mask], 1)
-            vals = []
-            for s in range(0, len(prompts), self.batch_size):
-                sl = slice(s, s + self.batch_size)
-                tb, fb, lb = tokens[sl], full[sl], lab_mask[sl].astype(np.float32)
-                n = len(tb)
-                if n < self.batch_size:  # pad: one compiled shape
-                    rep = lambda x: np.concatenate([x, np.repeat(x[:1], self.batch_size - n, 0)])
-                    tb, fb, lb = rep(tb), rep(fb), rep(lb)
-                vals.append(np.asarray(_label_logprobs(split.params, split.rest, tb, fb, lb, graph=split.graphdef,
-                                                       prompt_len=p_len))[:n])
-            logps.append(np.concatenate(vals))
+            logps.append(self.placement.forward_rows(label_logp, (tokens, full, lab_mask.astype(np.float32)),
+                                                     self.batch_size))
         return np.asarray(jax.nn.sigmoid(jnp.asarray(logps[0] - logps[1])), np.float64)
 
     def compare(self, prompt, first, second) -> float:

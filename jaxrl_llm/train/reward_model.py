@@ -44,10 +44,11 @@ from jaxrl_llm.data.preferences import (
 from jaxrl_llm.data.records import validate_records
 from jaxrl_llm.models.heads import RewardModel, ScalarHeadModel
 from jaxrl_llm.models.transformer import CausalLM
+from jaxrl_llm.parallel.placement import MeshConfig, Placement, forward_rows
 from jaxrl_llm.train.guard import apply_if_finite
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
-from jaxrl_llm.train.policy import split_model
+from jaxrl_llm.train.policy import make_placement, placed_model, split_model
 
 LOSSES = ("bradley_terry", "plackett_luce")
 
@@ -77,6 +78,8 @@ class RewardConfig:
       eval_every: evaluate on held-out pairs every N steps (0: only at the end).
       eval_batch_size: pairs per evaluation forward.
       save_hf: write output_dir/"reward_model" as a sequence-classification checkpoint.
+      mesh: device mesh (data × fsdp × tensor); batch_size (and eval_batch_size, with
+        held-out records) must divide by data × fsdp.
     """
 
     run: RunConfig = RunConfig(output_dir="runs/reward_model")
@@ -98,6 +101,7 @@ class RewardConfig:
     eval_every: int = 0
     eval_batch_size: int = 32
     save_hf: bool = True
+    mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
         for name in ("batch_size", "max_len", "eval_batch_size"):
@@ -166,23 +170,30 @@ def pairwise_metrics(r_chosen: np.ndarray, r_rejected: np.ndarray, labels: np.nd
 # ---------------------------------------------------------------------------- model
 
 
-def as_reward_model(model: Any, pool: str = "last", *, seed: int = 0) -> ScalarHeadModel:
+def as_reward_model(model: Any, pool: str = "last", *, seed: int = 0,
+                    placement: Placement | None = None) -> ScalarHeadModel:
     """A ScalarHeadModel as is; a CausalLM → a RewardModel with a copy of its backbone and
-    a fresh head; a str → ``load_hf(path, kind="reward", pool=pool)``."""
+    a fresh head; a str → ``load_hf(path, kind="reward", pool=pool)``.
+
+    With a ``placement`` the model is put on its mesh (in place), and a checkpoint path is
+    streamed tensor by tensor straight into its sharding."""
+    if isinstance(model, str):
+        if placement is not None:
+            return placed_model(model, placement, kind="reward", pool=pool)
+        from jaxrl_llm.models.hf_io import load_hf
+
+        return load_hf(model, kind="reward", pool=pool)[0]
     if isinstance(model, ScalarHeadModel):
         if model.pool == "none":
             raise ValueError('the reward model must pool to one score per sequence (pool "last" or "mean"), got "none"')
-        return model
-    if isinstance(model, CausalLM):
+        rm = model
+    elif isinstance(model, CausalLM):
         rm = RewardModel(model.config, rngs=nnx.Rngs(seed), pool=pool)
         nnx.update(rm.model, jax.tree.map(jnp.array, nnx.state(model.model, nnx.Param)))
-        return rm
-    if isinstance(model, str):
-        from jaxrl_llm.models.hf_io import load_hf
-
-        rm, _ = load_hf(model, kind="reward", pool=pool)
-        return rm
-    raise ValueError(f"model must be a RewardModel, a CausalLM or a local checkpoint path, got {type(model).__name__}")
+    else:
+        raise ValueError("model must be a RewardModel, a CausalLM or a local checkpoint path, got "
+                         f"{type(model).__name__}")
+    return rm if placement is None else placed_model(rm, placement)
 
 
 def _rewards(model: ScalarHeadModel, tokens, attention, response_mask, length_penalty: float):
@@ -256,9 +267,11 @@ class _MarginLoader(PreferenceLoader):
 
 
 def _arrays(batch: PreferenceBatch | KwiseBatch, margins: np.ndarray | None = None) -> dict:
-    out = {f.name: jnp.asarray(getattr(batch, f.name)) for f in dataclasses.fields(batch)}
+    """Host arrays of a batch (rows first: [B, ...]), plus ``margin`` [B] for pairs; kept on
+    the host so ``Placement.rows`` transfers each process only its own rows."""
+    out = {f.name: np.asarray(getattr(batch, f.name)) for f in dataclasses.fields(batch)}
     if margins is not None:
-        out["margin"] = jnp.asarray(margins, jnp.float32)
+        out["margin"] = np.asarray(margins, np.float32)
     return out
 
 
@@ -282,14 +295,17 @@ class _LossSpec:
         return plackett_luce_batch_loss(model, batch, length_penalty=self.length_penalty)
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "tx", "loss_fn"))
-def _update_step(params, opt_state, rest, batch, *, graph, tx, loss_fn):
+@functools.partial(jax.jit, static_argnames=("graph", "tx", "loss_fn", "placement"))
+def _update_step(params, opt_state, rest, batch, *, graph, tx, loss_fn, placement: Placement):
+    """One optimizer step on a batch whose rows are split over the mesh; the new params and
+    optimizer state keep the sharding of their logical names."""
     def f(p):
         return loss_fn(nnx.merge(graph, p, rest), batch)
 
     (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
     params, opt_state, finite = apply_if_finite(tx, params, opt_state, grads, loss)
+    params, opt_state = placement.constrain((params, opt_state))
     return params, opt_state, finite, {"loss": loss, "grad_norm": grad_norm, **metrics}
 
 
@@ -304,24 +320,31 @@ def _optimizer(optim: OptimConfig, total_steps: int):
 
 
 def score_sequences(model: ScalarHeadModel, tokens: np.ndarray, attention_mask: np.ndarray,
-                    batch_size: int = 32) -> np.ndarray:
-    """Rewards [R] of right-padded rows [R, L], in fixed-size forwards (the last one padded)."""
+                    batch_size: int = 32, placement: Placement | None = None) -> np.ndarray:
+    """Rewards [R] of right-padded rows [R, L], in fixed-size forwards (the last one padded).
+
+    With a ``placement`` (the model already on its mesh) every forward's ``batch_size``
+    rows are split over data × fsdp (``batch_size`` must divide by it); only the [R]
+    rewards come back to the host. Without one the rows go to jit whole, wherever the
+    model's params are."""
     split = split_model(model)
-    tokens, attention_mask = np.asarray(tokens), np.asarray(attention_mask)
-    out = []
-    for start in range(0, len(tokens), batch_size):
-        tok, att = tokens[start : start + batch_size], attention_mask[start : start + batch_size]
-        n = len(tok)
-        if n < batch_size:  # pad with copies of the first row: one compiled shape
-            tok = np.concatenate([tok, np.repeat(tok[:1], batch_size - n, 0)])
-            att = np.concatenate([att, np.repeat(att[:1], batch_size - n, 0)])
-        out.append(np.asarray(_score_rows(split.params, split.rest, tok, att, graph=split.graphdef))[:n])
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+    def score(tok, att):
+        return _score_rows(split.params, split.rest, tok, att, graph=split.graphdef)
+
+    return forward_rows(score, (tokens, attention_mask), batch_size, placement)
 
 
-def evaluate(model: ScalarHeadModel, preferences: Sequence[dict], tokenizer, config: RewardConfig) -> dict:
+def evaluate(model: ScalarHeadModel, preferences: Sequence[dict], tokenizer, config: RewardConfig,
+             placement: Placement | None = None) -> dict:
     """Pairwise accuracy / AUC / margin of ``model`` on held-out preferences (k-wise
-    records are expanded into pairs; tied pairs are not counted)."""
+    records are expanded into pairs; tied pairs are not counted).
+
+    Runs on ``placement``'s mesh (the training run's), or on ``config.mesh`` (the model is
+    placed there in place; eval_batch_size must divide by data × fsdp)."""
+    if placement is None:
+        placement = make_placement(config.mesh, model, {"eval_batch_size": config.eval_batch_size})
+        model = placed_model(model, placement)
     loader = PreferenceLoader(preferences, tokenizer, config.eval_batch_size, max_len=config.max_len,
                               kind="pairwise", shuffle=False, drop_last=False, num_epochs=1, overlong=config.overlong,
                               ties=config.ties, tie_eps=config.tie_eps, bucket="max", add_bos=config.add_bos,
@@ -330,7 +353,7 @@ def evaluate(model: ScalarHeadModel, preferences: Sequence[dict], tokenizer, con
     for batch in loader:
         scores = score_sequences(model, np.concatenate([batch.chosen_tokens, batch.rejected_tokens]),
                                  np.concatenate([batch.chosen_attention_mask, batch.rejected_attention_mask]),
-                                 batch_size=2 * config.eval_batch_size)
+                                 batch_size=2 * config.eval_batch_size, placement=placement)
         b = len(batch.labels)
         rc.append(scores[:b])
         rr.append(scores[b:])
@@ -364,14 +387,19 @@ def train(
         and at the end, logged as ``eval_accuracy``, ``eval_auc``, ``eval_margin``).
 
     Returns:
-      TrainResult with the trained ScalarHeadModel; ``result.eval`` holds the final
+      TrainResult with the trained ScalarHeadModel (sharded on ``config.mesh``, as it
+      trained; a given model is placed there in place); ``result.eval`` holds the final
       held-out metrics (or None). With ``config.save_hf`` the model is also written to
       ``output_dir/reward_model``.
     """
     validate_records(preferences, required=("prompt",))
     if eval_preferences is not None:
         validate_records(eval_preferences, required=("prompt",))
-    rm = as_reward_model(model, config.pool, seed=config.run.seed)
+    rows = {"batch_size": config.batch_size}
+    if eval_preferences is not None:
+        rows["eval_batch_size"] = config.eval_batch_size  # evaluation splits its rows too
+    placement = make_placement(config.mesh, model, rows)
+    rm = as_reward_model(model, config.pool, seed=config.run.seed, placement=placement)
     loader = _MarginLoader(preferences, tokenizer, config.batch_size, max_len=config.max_len, kind=config.kind,
                            seed=config.run.seed, overlong=config.overlong, ties=config.ties, tie_eps=config.tie_eps,
                            bucket=config.bucket, add_bos=config.add_bos, add_eos=config.add_eos,
@@ -380,7 +408,7 @@ def train(
     schedule_len = 1 if config.optim.schedule == "constant" else config.run.total_steps
     tx = _optimizer(config.optim, schedule_len)
     loss_fn = _LossSpec.from_config(config)
-    state = {"params": split.params, "opt_state": tx.init(split.params)}
+    state = placement.place({"params": split.params, "opt_state": tx.init(split.params)})
     loop = TrainLoop(config, config.run, desc="reward_model")
     state, start = loop.start(state)
     if "loader" in loop.meta:
@@ -390,15 +418,18 @@ def train(
     for step in range(start, config.run.total_steps):
         t0 = time.perf_counter()
         batch, margins = next(loader)
-        arrays = _arrays(batch, margins if config.kind == "pairwise" else None)
-        params, opt_state, finite, metrics = _update_step(state["params"], state["opt_state"], split.rest, arrays,
-                                                          graph=split.graphdef, tx=tx, loss_fn=loss_fn)
+        arrays = placement.rows(_arrays(batch, margins if config.kind == "pairwise" else None))
+        with placement.context():
+            params, opt_state, finite, metrics = _update_step(state["params"], state["opt_state"], split.rest,
+                                                              arrays, graph=split.graphdef, tx=tx, loss_fn=loss_fn,
+                                                              placement=placement)
         state = {"params": params, "opt_state": opt_state}
+        finite, metrics = placement.to_host((finite, metrics))
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["time_step"] = time.perf_counter() - t0
         last = step + 1 == config.run.total_steps
         if eval_preferences is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
-            eval_metrics = evaluate(split.merge(params), eval_preferences, tokenizer, config)
+            eval_metrics = evaluate(split.merge(params), eval_preferences, tokenizer, config, placement)
             metrics.update({f"eval_{k}": v for k, v in eval_metrics.items()})
         loop.end_step(step, state, metrics, finite=bool(finite), meta={"loader": loader.state_dict()})
 
