@@ -53,7 +53,7 @@ from jaxrl_llm.data.sft import SFTLoader  # noqa: E402
 from jaxrl_llm.models.config import tiny_config  # noqa: E402
 from jaxrl_llm.models.tokenizer import CharTokenizer  # noqa: E402
 from jaxrl_llm.models.transformer import CausalLM  # noqa: E402
-from jaxrl_llm.parallel.memory import MEMORY_TERMS, estimate_memory  # noqa: E402
+from jaxrl_llm.parallel.memory import MEMORY_TERMS, compiled_memory, estimate_memory  # noqa: E402
 from jaxrl_llm.parallel.placement import MeshConfig, Placement  # noqa: E402
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer  # noqa: E402
 from jaxrl_llm.train.policy import split_model  # noqa: E402
@@ -99,15 +99,7 @@ def compiled_sft_update(cfg, sizes, args):
         SFTLoader(records, CharTokenizer(), args.batch, max_len=args.seq_len, bucket="max")))))
     with placement.context():
         compiled = update.lower(state["params"], state["opt_state"], batch, None).compile()
-    ma = compiled.memory_analysis()
-    out = {
-        "arguments": ma.argument_size_in_bytes,
-        "outputs": ma.output_size_in_bytes,
-        "aliased": ma.alias_size_in_bytes,
-        "temps": ma.temp_size_in_bytes,
-    }
-    out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temps"]
-    return out, placement, tx
+    return compiled_memory(compiled), placement, tx
 
 
 def main(argv=None):

@@ -58,7 +58,9 @@ def kl_penalty(
     if kind == "k2":
         return 0.5 * jnp.square(log_ratio)
     neg_log_ratio = jnp.clip(-log_ratio, -20.0, 20.0)
-    k3 = jnp.exp(neg_log_ratio) - neg_log_ratio - 1.0
+    # expm1(x) − x, not exp(x) − x − 1: near x = 0 (policy ≈ reference, the common case)
+    # the latter rounds to ±6e-8 and can go negative in float32; expm1 keeps k3 ≥ 0.
+    k3 = jnp.expm1(neg_log_ratio) - neg_log_ratio
     if clamp is not None:
         k3 = jnp.clip(k3, -clamp, clamp)
     return k3

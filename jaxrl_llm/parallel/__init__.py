@@ -20,12 +20,13 @@ See docs/scaling.md.
 from jaxrl_llm.parallel.memory import (
     MEMORY_TERMS,
     abstract_mesh,
+    compiled_memory,
     estimate_memory,
     format_memory_estimate,
     per_device_bytes,
     print_memory_estimate,
 )
-from jaxrl_llm.parallel.mesh import MESH_AXES, data_parallel_size, init_distributed, make_mesh
+from jaxrl_llm.parallel.mesh import MESH_AXES, data_parallel_size, init_distributed, make_mesh, mesh_shape
 from jaxrl_llm.parallel.placement import MeshConfig, Placement
 from jaxrl_llm.parallel.rules import (
     LOGICAL_AXIS_RULES,
@@ -68,6 +69,7 @@ __all__ = [
     # mesh
     "MESH_AXES",
     "make_mesh",
+    "mesh_shape",
     "data_parallel_size",
     "init_distributed",
     # placement (what trainers use)
@@ -110,6 +112,7 @@ __all__ = [
     "MEMORY_TERMS",
     "abstract_mesh",
     "per_device_bytes",
+    "compiled_memory",
     "estimate_memory",
     "format_memory_estimate",
     "print_memory_estimate",

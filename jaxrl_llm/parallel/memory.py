@@ -51,6 +51,7 @@ __all__ = [
     "OPTIMIZERS",
     "abstract_mesh",
     "per_device_bytes",
+    "compiled_memory",
     "estimate_memory",
     "format_memory_estimate",
     "print_memory_estimate",
@@ -215,6 +216,27 @@ def _dim_shards(name: str, size: int, rules: Rules, mesh: AbstractMesh) -> int:
     """How many ways the rules split a dimension of logical ``name`` and ``size``."""
     spec, _ = resolve_spec((name,), rules, shape=(size,), mesh=mesh)
     return math.prod(mesh.shape[a] for a in _axes(spec[0] if len(spec) else None))
+
+
+def compiled_memory(compiled: Any) -> dict[str, int]:
+    """Per-device bytes of a compiled (SPMD) program from XLA's memory analysis.
+
+    ``compiled`` is ``jax.jit(f).lower(*args).compile()``. Its footprint is arguments +
+    outputs − aliased (donated inputs reused as outputs) + temporaries: the number
+    :func:`estimate_memory`'s ``total`` predicts.
+
+    Returns:
+      ``{"arguments", "outputs", "aliased", "temps", "total"}`` in bytes.
+    """
+    ma = compiled.memory_analysis()
+    out = {
+        "arguments": int(ma.argument_size_in_bytes),
+        "outputs": int(ma.output_size_in_bytes),
+        "aliased": int(ma.alias_size_in_bytes),
+        "temps": int(ma.temp_size_in_bytes),
+    }
+    out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temps"]
+    return out
 
 
 def estimate_memory(

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 import jax
 from jax.sharding import AxisType, Mesh
 
-__all__ = ["MESH_AXES", "make_mesh", "init_distributed", "data_parallel_size"]
+__all__ = ["MESH_AXES", "make_mesh", "mesh_shape", "init_distributed", "data_parallel_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,33 +78,51 @@ def make_mesh(
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("devices: expected at least one device, got an empty sequence")
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
-    for name, size in sizes.items():
-        if not isinstance(size, int) or (size < 1 and size != -1):
-            raise ValueError(f"{name}: expected a positive int or -1 (the rest), got {size!r}")
-    free = [name for name, size in sizes.items() if size == -1]
-    if len(free) > 1:
-        raise ValueError(f"at most one of data/fsdp/tensor may be -1, got {free} all -1")
-    n = len(devices)
-    fixed = math.prod(size for size in sizes.values() if size != -1)
-    if free:
-        if n % fixed != 0:
-            raise ValueError(
-                f"{free[0]}=-1: the other axis sizes multiply to {fixed}, which does not "
-                f"divide the {n} available devices ({sizes})"
-            )
-        sizes[free[0]] = n // fixed
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    if math.prod(shape) != n:
-        raise ValueError(
-            f"data*fsdp*tensor = {'*'.join(map(str, shape))} = {math.prod(shape)} must equal "
-            f"the number of devices ({n}); pass devices=... to use a subset, or -1 for one axis"
-        )
+    shape = mesh_shape({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devices))
     if isinstance(axis_types, AxisType):
         axis_types = (axis_types,) * len(MESH_AXES)
     if len(axis_types) != len(MESH_AXES):
         raise ValueError(f"axis_types: expected 1 or {len(MESH_AXES)} AxisTypes, got {axis_types}")
     return jax.make_mesh(shape, MESH_AXES, axis_types=tuple(axis_types), devices=devices)
+
+
+def mesh_shape(sizes: Mapping[str, int], num_devices: int, prefix: str = "") -> tuple[int, int, int]:
+    """``(data, fsdp, tensor)`` from ``{axis: size or -1}`` on ``num_devices`` devices.
+
+    Args:
+      sizes: one entry per ``MESH_AXES`` name; at most one is -1 (the remaining devices).
+      num_devices: the device count the sizes must multiply to.
+      prefix: prepended to axis names in errors (``"mesh."`` for a config field).
+
+    Raises:
+      ValueError: naming the axis (with ``prefix``) and the sizes, when a size is not a
+        positive int or -1, two are -1, or the sizes do not cover the devices.
+    """
+    sizes = dict(sizes)
+    for name, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+            raise ValueError(f"{prefix}{name}: expected a positive int or -1 (the remaining devices), got {size!r}")
+    free = [name for name, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"at most one of {' / '.join(prefix + a for a in MESH_AXES)} may be -1, "
+                         f"got {[prefix + f for f in free]}")
+    described = ", ".join(f"{prefix}{k}={v}" for k, v in sizes.items())
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if num_devices % fixed:
+            raise ValueError(
+                f"{prefix}{free[0]}=-1: the other sizes multiply to {fixed}, which does not divide the "
+                f"{num_devices} devices ({described})"
+            )
+        sizes[free[0]] = num_devices // fixed
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    if math.prod(shape) != num_devices:
+        names = " × ".join(prefix + a for a in MESH_AXES)
+        raise ValueError(
+            f"{names} = {' × '.join(map(str, shape))} = {math.prod(shape)} must equal the number of "
+            f"devices, {num_devices} ({described}); use -1 for one size, or a subset of the devices"
+        )
+    return shape
 
 
 def data_parallel_size(mesh: Mesh) -> int:

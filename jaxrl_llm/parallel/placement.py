@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxrl_llm.parallel.mesh import MESH_AXES, make_mesh
+from jaxrl_llm.parallel.mesh import MESH_AXES, make_mesh, mesh_shape
 from jaxrl_llm.parallel.rules import LOGICAL_AXIS_RULES, Rules, resolve_spec, validate_rules
 from jaxrl_llm.parallel.sharding import batch_sharding, model_shardings, sharding_context
 
@@ -70,13 +70,9 @@ class MeshConfig:
     num_devices: int | None = None
 
     def __post_init__(self):
-        for name in MESH_AXES:
-            size = getattr(self, name)
-            if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
-                raise ValueError(f"mesh.{name}: expected a positive int or -1 (the remaining devices), got {size!r}")
-        free = [f"mesh.{n}" for n in MESH_AXES if getattr(self, n) == -1]
-        if len(free) > 1:
-            raise ValueError(f"at most one of mesh.data / mesh.fsdp / mesh.tensor may be -1, got {free}")
+        # the size checks of mesh_shape, on one device count that fits any valid sizes
+        fixed = [getattr(self, n) for n in MESH_AXES]
+        mesh_shape(self._sizes(), math.prod(s for s in fixed if isinstance(s, int) and s > 0), "mesh.")
         if self.num_devices is not None and (
             isinstance(self.num_devices, bool) or not isinstance(self.num_devices, int) or self.num_devices < 1
         ):
@@ -86,30 +82,17 @@ class MeshConfig:
     def is_default(self) -> bool:
         return self == MeshConfig()
 
+    def _sizes(self) -> dict[str, int]:
+        return {n: getattr(self, n) for n in MESH_AXES}
+
     def sizes(self, num_devices: int) -> tuple[int, int, int]:
         """``(data, fsdp, tensor)`` on ``num_devices`` devices (-1 resolved).
 
         Raises:
-          ValueError: naming the mesh fields, when the sizes cannot cover the devices.
+          ValueError: naming the mesh fields, when the sizes cannot cover the devices
+            (use -1 for one size, or ``mesh.num_devices`` to use fewer devices).
         """
-        sizes = {n: getattr(self, n) for n in MESH_AXES}
-        fixed = math.prod(s for s in sizes.values() if s != -1)
-        free = [n for n, s in sizes.items() if s == -1]
-        if free:
-            if num_devices % fixed:
-                raise ValueError(
-                    f"mesh.{free[0]}=-1: the other sizes multiply to {fixed}, which does not divide the "
-                    f"{num_devices} devices ({self._describe()})"
-                )
-            sizes[free[0]] = num_devices // fixed
-        shape = tuple(sizes[n] for n in MESH_AXES)
-        if math.prod(shape) != num_devices:
-            raise ValueError(
-                f"mesh.data × mesh.fsdp × mesh.tensor = {' × '.join(map(str, shape))} = {math.prod(shape)} "
-                f"must equal the number of devices, {num_devices} ({self._describe()}); use -1 for one "
-                "size, or mesh.num_devices to use fewer devices"
-            )
-        return shape
+        return mesh_shape(self._sizes(), num_devices, "mesh.")
 
     def _describe(self) -> str:
         return ", ".join(f"mesh.{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))

@@ -86,6 +86,15 @@ def test_k3_nonnegative(a, b):
     assert float(kl_penalty(np.array([[a]], np.float32), np.array([[b]], np.float32), "k3", clamp=None)[0, 0]) >= 0.0
 
 
+def test_k3_nonnegative_at_tiny_log_ratios():
+    """Near logp = ref_logp, exp(x) − x − 1 rounds to −6e-8 in float32; k3 must stay ≥ 0
+    (and ≈ x²/2) there, where a policy close to its reference spends most of its time."""
+    x = np.concatenate([np.linspace(-1e-3, 1e-3, 20001), np.geomspace(1e-12, 1e-2, 2000)]).astype(np.float32)
+    k3 = np.asarray(kl_penalty(np.zeros((1, x.size), np.float32), x[None], "k3", clamp=None))[0]
+    assert k3.min() >= 0.0
+    np.testing.assert_allclose(k3, np.expm1(x.astype(np.float64)) - x, atol=1e-7)
+
+
 class AdaptiveKLTest(chex.TestCase):
     @parameterized.parameters((0.05, 6.0), (0.2, 6.0), (0.1, 100.0), (0.1, 0.0))
     def test_matches_ziegler_controller(self, coef, current_kl):

@@ -23,7 +23,7 @@ from jaxrl_llm.data.sft import SFTLoader
 from jaxrl_llm.models.config import tiny_config
 from jaxrl_llm.models.tokenizer import CharTokenizer
 from jaxrl_llm.models.transformer import CausalLM
-from jaxrl_llm.parallel import estimate_memory
+from jaxrl_llm.parallel import compiled_memory, estimate_memory
 from jaxrl_llm.parallel.placement import MeshConfig, Placement
 from jaxrl_llm.train.optim import make_optimizer
 from jaxrl_llm.train.policy import split_model
@@ -59,15 +59,7 @@ def compiled_step(sizes: tuple[int, int, int]):
         SFTLoader(records, CharTokenizer(), BATCH, max_len=SEQ_LEN, bucket="max")))))
     with placement.context():
         compiled = update.lower(state["params"], state["opt_state"], batch, None).compile()
-    ma = compiled.memory_analysis()
-    stats = {
-        "arguments": ma.argument_size_in_bytes,
-        "outputs": ma.output_size_in_bytes,
-        "aliased": ma.alias_size_in_bytes,
-        "temps": ma.temp_size_in_bytes,
-    }
-    stats["total"] = stats["arguments"] + stats["outputs"] - stats["aliased"] + stats["temps"]
-    return stats, placement, tx
+    return compiled_memory(compiled), placement, tx
 
 
 def estimate(sizes, placement, tx, **kwargs):
@@ -112,3 +104,50 @@ def test_estimate_within_25_percent_of_compiled_sft_update(sizes):
 # XLA keeps them replicated over fsdp (compiled ~1.7x the estimate).
 def test_estimate_within_25_percent_on_fsdp_only_batch_mesh():
     _check((1, 4, 2))
+
+
+@functools.cache
+def compiled_grpo_step(sizes: tuple[int, int, int]):
+    """Memory analysis of the GRPO trainer's compiled update (``grpo._make_update``: policy
+    forward over prompt + response, chunked response log-probs, clipped loss with a k3 KL
+    term) on a ``sizes`` mesh, with its Placement and optimizer."""
+    from jaxrl_llm.train import grpo
+
+    prompt_len, new_tokens = 32, SEQ_LEN - 32
+    config = grpo.GRPOConfig(prompts_per_step=BATCH // 4, group_size=4, max_prompt_len=prompt_len,
+                             max_new_tokens=new_tokens, kl_coef=0.04)
+    placement = Placement.create(MeshConfig(*sizes, num_devices=int(np.prod(sizes))),
+                                 rows={"prompts_per_step": config.prompts_per_step, "rows": BATCH},
+                                 model_config=CONFIG)
+    model = nnx.eval_shape(lambda: CausalLM(CONFIG, rngs=nnx.Rngs(0), param_dtype=DTYPE, dtype=DTYPE))
+    split = split_model(model)
+    tx = make_optimizer(config.optim, 10)
+    static = grpo._Static(prompt_len, config, has_old=True, has_ref=True, replay=False, train_router=True)
+    update = grpo._make_update(split, tx, static, placement)
+    state = {"params": split.params, "opt_state": jax.eval_shape(tx.init, split.params)}
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         state, placement.shardings(state))
+    rng = np.random.default_rng(0)
+    per_token = lambda: rng.normal(size=(BATCH, new_tokens)).astype(np.float32)  # noqa: E731
+    batch = placement.rows({
+        "tokens": rng.integers(0, CONFIG.vocab_size, (BATCH, SEQ_LEN)).astype(np.int32),
+        "full_mask": np.ones((BATCH, SEQ_LEN), np.int32), "mask": np.ones((BATCH, new_tokens), np.float32),
+        "advantages": rng.normal(size=BATCH).astype(np.float32), "tis_weight": np.ones((BATCH, new_tokens), np.float32),
+        "old_logp": per_token(), "ref_logp": per_token(),
+    })
+    batch["routing"] = None
+    with placement.context():
+        compiled = update.lower(state["params"], state["opt_state"], batch, True, None).compile()
+    return compiled_memory(compiled), placement, tx
+
+
+# The RL update: the same estimate (the chunked log-probs cover the response tokens only,
+# an upper bound here) against the GRPO trainer's compiled step.
+@pytest.mark.parametrize("sizes", [(2, 2, 2), (1, 4, 2)])
+def test_estimate_within_25_percent_of_compiled_grpo_update(sizes):
+    compiled, placement, tx = compiled_grpo_step(sizes)
+    est = estimate(placement.mesh, placement, tx)
+    ratio = est["total"] / compiled["total"]
+    assert abs(ratio - 1) <= TOLERANCE, (sizes, ratio, compiled, est)
+    unsharded = estimate((1, 1, 1), placement, tx)["total"]
+    assert abs(unsharded / compiled["total"] - 1) > 2 * TOLERANCE, (unsharded, compiled)

@@ -2,7 +2,6 @@
 weights, sharded result; a separate reference model, or LoRA with the base model as a
 precomputed (cached) reference; ``evaluate`` on the mesh."""
 
-import numpy as np
 import pytest
 from flax import nnx
 
@@ -13,6 +12,8 @@ from jaxrl_llm.train.lora import LoRAConfig
 from jaxrl_llm.train.loop import RunConfig
 from jaxrl_llm.train.optim import OptimConfig
 
+from tests.train.test_dpo import synthetic_pairs
+
 from .mesh_runs import MESHES, check_trainer
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
@@ -20,16 +21,6 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num
 
 def _model(seed):
     return CausalLM(tiny_config("llama", **TINY), rngs=nnx.Rngs(seed))
-
-
-def _pairs(n, seed):
-    """chosen: a lowercase word; rejected: the same word in upper case."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        word = "".join(rng.choice(list("abcdefgh"), rng.integers(2, 6)))
-        out.append({"prompt": f"q{rng.integers(10)}:", "chosen": word, "rejected": word.upper()})
-    return out
 
 
 def _config(out, mesh, **kw):
@@ -46,7 +37,7 @@ def test_dpo_same_on_every_mesh(tmp_path, reference, kw):
     """A reference model computed inside the step (length-normalised, with an NLL term on
     chosen); LoRA adapters (replicated) over the sharded frozen base, whose log-probs are
     precomputed once over the data on the mesh as the reference."""
-    data = _pairs(16, 0)
+    data = synthetic_pairs(16, 0)
 
     def run(mesh, out):
         ref = _model(1) if reference == "separate" else None
@@ -68,7 +59,7 @@ def test_dpo_same_on_every_mesh(tmp_path, reference, kw):
 def test_evaluate_same_on_every_mesh(tmp_path):
     """``evaluate`` places policy and reference on ``config.mesh`` and splits the rows
     (the padded last batch too)."""
-    held_out = _pairs(10, 1)
+    held_out = synthetic_pairs(10, 1)
     values = {name: evaluate(_config(tmp_path, mesh), policy=_model(0), tokenizer=CharTokenizer(),
                              preferences=held_out, reference=_model(1))
               for name, mesh in MESHES.items()}
@@ -80,4 +71,4 @@ def test_evaluate_same_on_every_mesh(tmp_path):
 def test_batch_that_does_not_split_is_an_error_naming_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"^batch_size=6 is not divisible by mesh.data × mesh.fsdp = 4"):
         train(_config(tmp_path, MeshConfig(2, 2, 2), batch_size=6), policy=_model(0), tokenizer=CharTokenizer(),
-              preferences=_pairs(16, 0))
+              preferences=synthetic_pairs(16, 0))
