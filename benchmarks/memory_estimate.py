@@ -26,7 +26,6 @@ Usage:
     python benchmarks/memory_estimate.py --quick
     python benchmarks/memory_estimate.py                       # 6 meshes on 8 devices
     python benchmarks/memory_estimate.py --meshes 1,1,1 2,2,2 --remat --dtype bfloat16
-    python benchmarks/memory_estimate.py --constrain-activations   # what a model fix gives
 """
 
 from __future__ import annotations
@@ -60,22 +59,6 @@ from jaxrl_llm.train.policy import split_model  # noqa: E402
 from jaxrl_llm.train.sft import batch_arrays, make_sft_update  # noqa: E402
 
 DEFAULT_MESHES = ("1,1,1", "8,1,1", "2,1,4", "4,1,2", "2,2,2", "1,4,2")
-
-
-def _constrain_block_activations() -> None:
-    """Experiment only (``--constrain-activations``): constrain every decoder block's input
-    and output to ('batch', 'length', 'embed'), the fix the model is missing for meshes
-    whose batch shards are all on ``fsdp``."""
-    import jaxrl_llm.models.transformer as transformer
-    from jaxrl_llm.parallel.sharding import constrain
-
-    call = transformer._call_block
-
-    def constrained(block, x, *args):
-        out = call(block, constrain(x, ("batch", "length", "embed")), *args)
-        return (constrain(out[0], ("batch", "length", "embed")),) + tuple(out[1:])
-
-    transformer._call_block = constrained
 
 
 def compiled_sft_update(cfg, sizes, args):
@@ -118,8 +101,6 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", help="param and compute dtype")
     p.add_argument("--remat", action="store_true")
     p.add_argument("--abstract", action="store_true", help="compile from abstract state (no allocation)")
-    p.add_argument("--constrain-activations", action="store_true",
-                   help="experiment: constrain block activations to the batch shards (model fix)")
     p.add_argument("--quick", action="store_true", help="2 layers, meshes 1,1,1 and 2,2,2")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
@@ -127,8 +108,6 @@ def main(argv=None):
         args.layers = 2
         args.meshes = args.meshes or ["1,1,1", "2,2,2"]
     meshes = [tuple(int(s) for s in m.split(",")) for m in (args.meshes or DEFAULT_MESHES)]
-    if args.constrain_activations:
-        _constrain_block_activations()
 
     cfg = tiny_config("llama", hidden_size=args.hidden, intermediate_size=args.intermediate,
                       num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
@@ -150,7 +129,7 @@ def main(argv=None):
                       "K": args.kv_heads, "Hd": args.head_dim, "V": args.vocab,
                       "num_params": est["num_params"]},
             "batch": args.batch, "seq_len": args.seq_len, "chunk": args.chunk, "dtype": args.dtype,
-            "remat": args.remat, "constrain_activations": args.constrain_activations,
+            "remat": args.remat,
             "compiled": compiled,
             "estimate": {k: est[k] for k in MEMORY_TERMS + ("total",)},
             "ratio_total": round(est["total"] / compiled["total"], 3),
