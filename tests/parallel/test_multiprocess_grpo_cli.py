@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -68,39 +69,49 @@ def _tail(path: Path, n: int = 4000) -> str:
     return path.read_text(errors="replace")[-n:] if path.exists() else "<no output>"
 
 
+def _wait(procs: list[tuple[Path, subprocess.Popen]]) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    for log, p in procs:
+        try:
+            p.wait(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{log.name}: not finished in {TIMEOUT_S} s:\n{_tail(log)}")
+        if p.returncode != 0:
+            pytest.fail(f"{log.name}: exit code {p.returncode}:\n{_tail(log)}")
+
+
+def _start(command: list[str], env: dict, log: Path) -> tuple[Path, subprocess.Popen]:
+    with open(log, "w") as fo:
+        return log, subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=fo, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """(run folder of the 2-process run, run folder of the 1-process run)."""
+    """Run folders: (2 processes, 1 process, 2 processes resumed from their step-2 checkpoint)."""
     tmp = tmp_path_factory.mktemp("grpo_cli")
     (tmp / "reward.py").write_text(REWARD_FILE)
     with open(tmp / "data.jsonl", "w") as f:
         for record in make_arithmetic_dataset(32, 0, max_operand=9):
             f.write(json.dumps(record) + "\n")
-    port = _free_port()
-    multi, single = tmp / "two_processes", tmp / "one_process"
-    procs, logs = [], []
+    multi, single, resumed = tmp / "two_processes", tmp / "one_process", tmp / "two_processes_resumed"
+    procs: list[tuple[Path, subprocess.Popen]] = []
     try:
-        for i in range(2):
-            log = tmp / f"p{i}.log"
-            logs.append(log)
-            with open(log, "w") as fo:
-                procs.append(subprocess.Popen(_command(tmp, multi), cwd=REPO_ROOT, env=_env(4, port, i),
-                                              stdout=fo, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
-        with open(tmp / "single.log", "w") as fo:
-            procs.append(subprocess.Popen(_command(tmp, single), cwd=REPO_ROOT, env=_env(8),
-                                          stdout=fo, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
-        logs.append(tmp / "single.log")
-        deadline = time.monotonic() + TIMEOUT_S
-        for log, p in zip(logs, procs):
-            try:
-                p.wait(timeout=max(deadline - time.monotonic(), 1))
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"{log.name}: not finished in {TIMEOUT_S} s:\n{_tail(log)}")
-            if p.returncode != 0:
-                pytest.fail(f"{log.name}: exit code {p.returncode}:\n{_tail(log)}")
-        return multi, single
+        port = _free_port()
+        procs = [_start(_command(tmp, multi), _env(4, port, i), tmp / f"p{i}.log") for i in range(2)]
+        procs.append(_start(_command(tmp, single), _env(8), tmp / "single.log"))
+        _wait(procs)
+        # As if the two processes had been stopped after step 2: drop the last checkpoint,
+        # resume both (orbax's multi-process restore, the prompt loader's position from meta).
+        shutil.copytree(multi, resumed)
+        shutil.rmtree(resumed / "checkpoints" / "3")
+        port = _free_port()
+        procs = [_start(_command(tmp, resumed) + ["run.resume=true"], _env(4, port, i), tmp / f"r{i}.log")
+                 for i in range(2)]
+        _wait(procs)
+        return multi, single, resumed
     finally:
-        for p in procs:  # never leave a process behind
+        for _, p in procs:  # never leave a process behind
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=30)
@@ -112,7 +123,7 @@ def _metrics(run: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(runs):
-    multi, single = runs
+    multi, single, _ = runs
     rows_multi, rows_single = _metrics(multi), _metrics(single)
     assert [r["step"] for r in rows_multi] == [0, 1, 2]  # process 0 wrote each step once
     assert [r["step"] for r in rows_single] == [0, 1, 2]
@@ -128,3 +139,22 @@ def test_two_processes_match_one_process(runs):
         np.testing.assert_allclose(w_multi[key], w_single[key], atol=3e-4, rtol=1e-4, err_msg=key)
     # the checkpoints went through orbax's multi-process path into the one shared folder
     assert sorted(p.name for p in (multi / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2", "3"]
+
+
+@pytest.mark.slow
+def test_two_processes_resume_from_their_checkpoint(runs):
+    """Both processes restore the sharded step-2 checkpoint and the loader position and re-run
+    the last step: the same metrics and weights as the uninterrupted run."""
+    multi, _, resumed = runs
+    rows, rows_resumed = _metrics(multi), _metrics(resumed)
+    assert [r["step"] for r in rows_resumed] == [0, 1, 2]
+    # steps 0-1 are the checkpointed run's lines, kept as written; step 2 was run again
+    assert rows_resumed[:2] == rows[:2]
+    assert rows_resumed[2]["time_sampling"] != rows[2]["time_sampling"]
+    for key, value in rows[-1].items():
+        if key.startswith("time_") or key == "tokens_per_s" or not isinstance(value, (int, float)):
+            continue
+        np.testing.assert_allclose(rows_resumed[-1][key], value, rtol=2e-4, atol=2e-5, err_msg=key)
+    w, w_resumed = load_file(multi / "export" / "model.safetensors"), load_file(resumed / "export" / "model.safetensors")
+    for key in w:
+        np.testing.assert_allclose(w_resumed[key], w[key], atol=3e-4, rtol=1e-4, err_msg=key)
