@@ -1,7 +1,8 @@
 """Pure, jittable RL math on arrays (no parameters, no I/O).
 
 Every function works under ``jax.jit``, ``jax.vmap`` and ``jax.grad``; losses return
-``(loss, metrics)``. See DESIGN.md "Public API contract" for the formulas.
+``(loss, metrics)``. Each function's docstring gives its formula and shapes; see
+docs/architecture.md for the conventions.
 """
 
 from jaxrl_llm.ops.advantages import (
