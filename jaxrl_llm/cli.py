@@ -24,8 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
+
+# transformers, imported for tokenizers only, would announce on every run that PyTorch
+# (which jaxrl_llm never uses) is missing.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import jaxrl_llm
 
@@ -228,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxrl-llm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"jaxrl_llm {jaxrl_llm.__version__}")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="print a worked example of the RL math")
@@ -260,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; errors propagate as exceptions (the Python entry point)."""
     args = build_parser().parse_args(argv)
     if args.command != "demo":
         from jaxrl_llm.parallel import init_distributed
@@ -268,5 +275,29 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user's input or environment causes: shown as one message, not a traceback."""
+    from jaxrl_llm.train.guard import NonFiniteError
+    from jaxrl_llm.train.loop import TrainingInterrupted
+
+    return (ValueError, OSError, NonFiniteError, TrainingInterrupted)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The ``jaxrl-llm`` command: like :func:`main`, but a bad config, path or input ends
+    with its message on stderr and exit code 2; ``--debug`` shows the traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return main(argv)
+    except _user_errors() as err:
+        if debug:
+            raise
+        command = next((a for a in argv if not a.startswith("-")), "")
+        print(f"jaxrl-llm {command}: error: {err}\n(run again with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from jaxrl_llm.cli import main
+from jaxrl_llm.cli import main, run
 from jaxrl_llm.rewards.arithmetic import make_arithmetic_dataset
 
 
@@ -54,6 +54,43 @@ def test_missing_inputs_and_bad_keys(tmp_path, arithmetic_jsonl):
     with pytest.raises(ValueError, match="unknown config key"):
         main(["grpo", "--policy", "tiny:llama", "--tokenizer", "char", "--data", str(arithmetic_jsonl),
               "--reward", "arithmetic", "group_sizes=4"])
+
+
+def test_command_line_errors_are_one_message_and_exit_2(arithmetic_jsonl, capsys):
+    """The jaxrl-llm command: a bad field, mesh or path prints its message (no traceback)
+    and exits 2; --debug raises the exception with its traceback instead."""
+    base = ["grpo", "--policy", "tiny:llama", "--tokenizer", "char", "--data", str(arithmetic_jsonl),
+            "--reward", "arithmetic"]
+    for extra, message in [(["group_sizes=4"], "unknown config key(s) ['group_sizes']"),
+                           (["mesh.fsdp=3"], "mesh.data=-1: the other sizes multiply to 3"),
+                           (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "prompts_per_step=6"],
+                            "prompts_per_step=6 is not divisible by mesh.data × mesh.fsdp = 4")]:
+        assert run(base + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("jaxrl-llm grpo: error: ") and message in err, err
+        assert "Traceback" not in err and "--debug" in err
+    with pytest.raises(ValueError, match="unknown config key"):
+        run(base + ["group_sizes=4", "--debug"])
+
+
+def test_own_reward_function_from_a_file_or_module(tmp_path, arithmetic_jsonl, capsys):
+    """--reward path/to/file.py:function and package.module:function; a wrong spec names
+    what is missing."""
+    reward_file = tmp_path / "my_rewards.py"
+    reward_file.write_text("def calls(prompts, completions, **columns):\n"
+                           "    assert 'answer' in columns  # dataset columns arrive as keyword lists\n"
+                           "    return [float(len(c)) for c in completions]\n")
+    for spec in (f"{reward_file}:calls", "jaxrl_llm.rewards.arithmetic:arithmetic_reward"):
+        out = tmp_path / spec.rsplit(":", 1)[1]
+        assert main(["grpo", "--policy", "tiny:llama", "--tokenizer", "char", "--data", str(arithmetic_jsonl),
+                     "--reward", spec, f"run.output_dir={out}", "run.total_steps=1", "run.progress=false",
+                     "prompts_per_step=2", "group_size=2", "max_prompt_len=8", "max_new_tokens=4"]) == 0
+        assert "reward_mean" in json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    for spec, message in [(f"{tmp_path}/missing.py:f", "not found"), (f"{reward_file}:nope", "no function 'nope'"),
+                          ("no_such_module_xyz:f", "cannot import module")]:
+        with pytest.raises(SystemExit, match=message):
+            main(["grpo", "--policy", "tiny:llama", "--tokenizer", "char", "--data", str(arithmetic_jsonl),
+                  "--reward", spec])
 
 
 def test_dpo_and_rft_stages(tmp_path, arithmetic_jsonl):

@@ -86,13 +86,16 @@ def make_mesh(
     return jax.make_mesh(shape, MESH_AXES, axis_types=tuple(axis_types), devices=devices)
 
 
-def mesh_shape(sizes: Mapping[str, int], num_devices: int, prefix: str = "") -> tuple[int, int, int]:
+def mesh_shape(
+    sizes: Mapping[str, int], num_devices: int, prefix: str = "", subset_hint: str = "pass devices=[...]"
+) -> tuple[int, int, int]:
     """``(data, fsdp, tensor)`` from ``{axis: size or -1}`` on ``num_devices`` devices.
 
     Args:
       sizes: one entry per ``MESH_AXES`` name; at most one is -1 (the remaining devices).
       num_devices: the device count the sizes must multiply to.
       prefix: prepended to axis names in errors (``"mesh."`` for a config field).
+      subset_hint: how the caller runs on fewer devices, for the error message.
 
     Raises:
       ValueError: naming the axis (with ``prefix``) and the sizes, when a size is not a
@@ -120,7 +123,7 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int, prefix: str = "") -> 
         names = " × ".join(prefix + a for a in MESH_AXES)
         raise ValueError(
             f"{names} = {' × '.join(map(str, shape))} = {math.prod(shape)} must equal the number of "
-            f"devices, {num_devices} ({described}); use -1 for one size, or a subset of the devices"
+            f"devices, {num_devices} ({described}); use -1 for one size, or {subset_hint} to use fewer devices"
         )
     return shape
 

@@ -92,7 +92,7 @@ class MeshConfig:
           ValueError: naming the mesh fields, when the sizes cannot cover the devices
             (use -1 for one size, or ``mesh.num_devices`` to use fewer devices).
         """
-        return mesh_shape(self._sizes(), num_devices, "mesh.")
+        return mesh_shape(self._sizes(), num_devices, "mesh.", "mesh.num_devices=N")
 
     def _describe(self) -> str:
         return ", ".join(f"mesh.{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
