@@ -139,7 +139,7 @@ class TrainLoop:
             self.guard.load_state_dict(self.meta.get("guard", {}))
             start = latest
             # Steps logged after the checkpoint are re-run: drop their lines.
-            old = read_metrics(self.metrics_path) if self.metrics_path.exists() else []
+            old = read_metrics(self.metrics_path, allow_partial_last_line=True) if self.metrics_path.exists() else []
             self.history = [row for row in old if row["step"] < start]
             if self.is_writer:
                 self._rewrite_metrics(self.history)

@@ -4,6 +4,7 @@ the key numbers of the step."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -13,6 +14,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxrl_llm.parallel.placement import host_array
+
+logger = logging.getLogger(__name__)
 
 # Shown in the progress bar when present, in this order.
 PROGRESS_KEYS = ("loss", "reward_mean", "accuracy", "kl", "entropy", "tokens_per_s")
@@ -88,7 +91,26 @@ class MetricsLogger:
             self._bar.close()
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Reads a metrics.jsonl file back (one dict per step)."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_metrics(path: str | os.PathLike, *, allow_partial_last_line: bool = False) -> list[dict]:
+    """Reads a metrics.jsonl file back (one dict per step).
+
+    Args:
+      allow_partial_last_line: drop a last line that does not parse (a process killed
+        while writing it) instead of raising; used when resuming.
+
+    Raises:
+      ValueError: a line that is not JSON, naming the file and the line number.
+    """
+    lines = Path(path).read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if allow_partial_last_line and number == len(lines):
+                logger.warning("%s: dropped a half-written last line (%d characters): %s", path, len(line), err)
+                break
+            raise ValueError(f"{path}, line {number}: not a JSON object ({err})") from err
+    return rows

@@ -15,14 +15,16 @@ class OptimConfig:
     """AdamW settings shared by every trainer.
 
     Attributes:
-      learning_rate: peak learning rate.
+      learning_rate: peak learning rate (0: a frozen control run: the loop, sampling and
+        metrics run, the weights do not move).
       schedule: decay after warmup, one of SCHEDULES.
       warmup_steps: linear warmup from 0 to the peak.
       min_lr_ratio: final learning rate as a fraction of the peak (cosine / linear).
       weight_decay: AdamW decoupled weight decay.
       b1, b2, eps: Adam moments.
       max_grad_norm: clip by global norm (None: no clipping).
-      grad_accum_steps: micro-steps accumulated per update (optax.MultiSteps).
+      grad_accum_steps: micro-steps accumulated per update (optax.MultiSteps: the mean of
+        the micro-steps' gradients, each already a mean over its own batch).
     """
 
     learning_rate: float = 1e-5
@@ -37,8 +39,15 @@ class OptimConfig:
     grad_accum_steps: int = 1
 
     def __post_init__(self):
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not self.learning_rate >= 0:  # also rejects NaN
+            raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
+        for name in ("b1", "b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1) (an Adam moment decay), got {getattr(self, name)}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0 (it keeps Adam's division finite), got {self.eps}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.warmup_steps < 0:

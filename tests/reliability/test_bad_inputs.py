@@ -33,6 +33,7 @@ from jaxrl_llm.train.config import load_config
 from jaxrl_llm.train.grpo import GRPOConfig
 from jaxrl_llm.train.sft import SFTConfig
 from jaxrl_llm.train.loop import RunConfig
+from jaxrl_llm.train.optim import OptimConfig
 from tests.data.conftest import make_hf_tokenizer
 
 MODEL = CausalLM(tiny_config("llama", max_position_embeddings=64), rngs=nnx.Rngs(0))
@@ -127,6 +128,13 @@ CASES = [
     ("grpo-temperature", lambda: GRPOConfig(temperature=0.0), ValueError, r"temperature"),
     ("run-total_steps=0", lambda: RunConfig(total_steps=0), ValueError, r"total_steps must be >= 1, got 0"),
     ("run-checkpoint_every<0", lambda: RunConfig(checkpoint_every=-1), ValueError, r"checkpoint_every must be >= 0, got -1"),
+    # ---- optimizer settings
+    ("optim-learning_rate<0", lambda: OptimConfig(learning_rate=-1e-5), ValueError, r"learning_rate must be >= 0, got -1e-05"),
+    ("optim-learning_rate-nan", lambda: OptimConfig(learning_rate=float("nan")), ValueError, r"learning_rate must be >= 0, got nan"),
+    ("optim-b1=1", lambda: OptimConfig(b1=1.0), ValueError, r"b1 must be in \[0, 1\)"),
+    ("optim-b2<0", lambda: OptimConfig(b2=-0.1), ValueError, r"b2 must be in \[0, 1\)"),
+    ("optim-eps=0", lambda: OptimConfig(eps=0.0), ValueError, r"eps must be > 0"),
+    ("optim-weight_decay<0", lambda: OptimConfig(weight_decay=-0.1), ValueError, r"weight_decay must be >= 0"),
     # ---- mesh config (the ``mesh`` field of every trainer config)
     ("mesh-size-0", lambda: MeshConfig(fsdp=0), ValueError, r"mesh.fsdp: expected a positive int or -1"),
     ("mesh-size-float", lambda: MeshConfig(tensor=2.0), ValueError, r"mesh.tensor: expected a positive int or -1 .*got 2.0"),

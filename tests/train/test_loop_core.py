@@ -176,6 +176,26 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, interrupt_at
     assert sorted(int(p.name) for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.isdigit())[-1] == 15
 
 
+def test_half_written_metrics_line_is_repaired_on_resume(tmp_path):
+    """A kill while a metrics line was being written leaves a partial last line: resume
+    drops it (and the steps after the checkpoint) instead of failing on JSON."""
+    base = ToyConfig(run=RunConfig(output_dir=str(tmp_path / "a"), total_steps=10, checkpoint_every=5, progress=False))
+    full = read_metrics(toy_train(base).output_dir / "metrics.jsonl")
+    other = dataclasses.replace(base, run=dataclasses.replace(base.run, output_dir=str(tmp_path / "b")))
+    with pytest.raises(Interrupt):
+        toy_train(other, interrupt_at=7)
+    path = tmp_path / "b" / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"step": 7, "loss": 0.12')  # cut mid-line, no newline
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 8: not a JSON object"):
+        read_metrics(path)  # reading it as-is names the line
+    toy_train(dataclasses.replace(other, run=dataclasses.replace(other.run, resume=True)))
+    assert read_metrics(path) == full
+    # a damaged line in the middle is not a kill mid-write: it is an error naming the line
+    path.write_text('{"step": 0}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"line 2: not a JSON object"):
+        read_metrics(path, allow_partial_last_line=True)
+
+
 def test_nonfinite_steps_are_skipped_and_logged(tmp_path):
     cfg = ToyConfig(run=RunConfig(output_dir=str(tmp_path), total_steps=6, progress=False, max_consecutive_nonfinite=3))
     result = toy_train(cfg, nan_steps=(2, 3))

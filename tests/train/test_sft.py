@@ -63,3 +63,17 @@ def test_final_export_loads_in_transformers(tmp_path):
         theirs = hf(torch.tensor(tokens)).logits.numpy()
     ours = np.asarray(result.model(jnp.asarray(tokens))[0])
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_learning_rate_zero_is_a_frozen_control_run(tmp_path):
+    """lr = 0 is allowed (a control experiment): the run logs losses, the weights stay put."""
+    import jax
+
+    tok = CharTokenizer()
+    model = CausalLM(tiny_config("llama", **TINY), rngs=nnx.Rngs(0))
+    before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    config = SFTConfig(run=RunConfig(output_dir=str(tmp_path), total_steps=2, progress=False, export_hf=False),
+                       optim=OptimConfig(learning_rate=0.0, weight_decay=0.1), batch_size=8, max_len=16)
+    result = train(config, policy=model, tokenizer=tok, examples=_examples(16))
+    assert all(np.isfinite(row["loss"]) and row["grad_norm"] > 0 for row in result.history)
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, nnx.state(result.model, nnx.Param)))
