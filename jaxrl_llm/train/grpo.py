@@ -236,6 +236,16 @@ def score_rollout(
     return ScoredBatch(rollout, scores, task, valid, np.asarray(prompts.indices))
 
 
+def score_summary(scores: np.ndarray, task_rewards: np.ndarray, valid: np.ndarray, prefix: str = "") -> dict:
+    """Mean / std of the scores and the accuracy (task reward > 0.5) over the scored rows
+    only (NaN when none was scored), keyed ``{prefix}reward_mean`` etc."""
+    if not valid.any():
+        return {f"{prefix}reward_mean": float("nan"), f"{prefix}reward_std": float("nan"),
+                f"{prefix}accuracy": float("nan")}
+    return {f"{prefix}reward_mean": float(np.mean(scores[valid])), f"{prefix}reward_std": float(np.std(scores[valid])),
+            f"{prefix}accuracy": float(np.mean(task_rewards[valid] > 0.5))}
+
+
 def informative_groups(scores: np.ndarray, valid: np.ndarray, group_size: int) -> np.ndarray:
     """[B] bool: the group's valid scores are not all equal (it carries a learning signal)."""
     s = np.where(valid, scores, np.nan).reshape(-1, group_size)
@@ -571,16 +581,19 @@ def train(
 
         # metrics
         lengths = np.asarray(rollout.lengths)
-        live_rows = batch.valid
-        task = batch.task_rewards
+        # Headline reward / accuracy: every sampled response of every round. Under dynamic
+        # sampling the trained batch keeps only informative groups (all-correct groups are
+        # dropped), so its figures are logged apart, as kept_*.
+        sampled = score_summary(*(np.concatenate([getattr(b, f) for b in rounds])
+                                  for f in ("scores", "task_rewards", "valid")))
+        kept = score_summary(batch.scores, batch.task_rewards, batch.valid, "kept_") if config.dynamic_sampling else {}
         mean_update = {k: float(np.mean([float(m[k]) for m in update_metrics])) for k in update_metrics[0]} if update_metrics else {}
         num_tokens = float(mask.sum())
         elapsed = time.perf_counter() - t0
         metrics = {
             **mean_update,
-            "reward_mean": float(np.nanmean(np.where(live_rows, batch.scores, np.nan))) if live_rows.any() else 0.0,
-            "reward_std": float(np.nanstd(np.where(live_rows, batch.scores, np.nan))) if live_rows.any() else 0.0,
-            "accuracy": float(np.nanmean(np.where(live_rows, task, np.nan) > 0.5)) if live_rows.any() else 0.0,
+            **sampled,
+            **kept,
             "informative_groups_before": informative_before,
             "informative_groups_after": float(np.mean(informative_groups(batch.scores, batch.valid, config.group_size))),
             "sampling_rounds": len(rounds),

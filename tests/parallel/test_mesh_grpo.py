@@ -49,7 +49,8 @@ def test_grpo_same_on_every_mesh(tmp_path, preset, kw):
         assert max(row["sampling_rounds"] for row in history) > 1  # dynamic sampling really resampled
     else:
         assert all(row["kl"] >= 0 for row in history) and max(row["kl"] for row in history) > 0
-    assert np.std([row["reward_mean"] for row in history]) >= 0  # metrics are numbers
+    # (DAPO's score adds the overlong penalty, so only accuracy is bounded by [0, 1])
+    assert all(np.isfinite(row["reward_mean"]) and 0.0 <= row["accuracy"] <= 1.0 for row in history)
 
 
 @pytest.mark.parametrize("kw, field", [

@@ -210,6 +210,9 @@ def test_dynamic_sampling_stops_at_cap_when_every_group_is_degenerate(tmp_path, 
     for row in result.history:
         assert row["sampling_rounds"] == 3 and row["generations"] == 3 * 8 and row["skipped_no_signal"] == 1
         assert row["informative_groups_after"] == 0.0
+        # every sample scored 1.0: the headline says so (all rounds); no group was kept
+        assert row["reward_mean"] == 1.0 and row["accuracy"] == 1.0 and row["reward_std"] == 0.0
+        assert math.isnan(row["kept_reward_mean"]) and math.isnan(row["kept_accuracy"])
     after = jax.tree.map(np.asarray, nnx.state(result.model, nnx.Param))
     jax.tree.map(np.testing.assert_array_equal, before, after)  # no signal → no update at all
 
