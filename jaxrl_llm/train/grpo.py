@@ -38,6 +38,7 @@ from jaxrl_llm.rollout.sampler import Rollout, generate
 from jaxrl_llm.train.guard import apply_if_finite
 from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
+from jaxrl_llm.train.microbatch import accumulated_value_and_grad, row_weights
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
 from jaxrl_llm.train.policy import (
     make_placement,
@@ -92,9 +93,13 @@ class GRPOConfig:
       logprob_chunk_size: tokens per chunk of ``logprobs_from_hidden``.
       lora: train low-rank adapters of the policy instead of all weights (rank 0: off);
         the reference is then the frozen base model.
+      microbatches: run each minibatch update as this many forward/backward passes whose
+        gradients add up to the minibatch's exactly (``train.microbatch``, weighted by
+        loss_agg): less activation memory, the same update.
       mesh: device mesh (data × fsdp × tensor). prompts_per_step (sampling) and the
-        minibatch rows prompts_per_step · group_size / minibatches (updates) must divide
-        by data × fsdp; group advantages are computed on the host over whole groups.
+        rows of one forward/backward, prompts_per_step · group_size / (minibatches ·
+        microbatches), must divide by data × fsdp; group advantages are computed on the
+        host over whole groups.
     """
 
     run: RunConfig = RunConfig(output_dir="runs/grpo")
@@ -132,11 +137,13 @@ class GRPOConfig:
     reward_default: float | None = None
     logprob_chunk_size: int = 1024
     lora: LoRAConfig = LoRAConfig()
+    microbatches: int = 1
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
         positive = ("prompts_per_step", "max_prompt_len", "max_new_tokens", "num_inner_updates",
-                    "minibatches", "max_sampling_rounds", "router_update_every", "logprob_chunk_size")
+                    "minibatches", "max_sampling_rounds", "router_update_every", "logprob_chunk_size",
+                    "microbatches")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -156,6 +163,12 @@ class GRPOConfig:
             raise ValueError(
                 f"prompts_per_step * group_size = {self.prompts_per_step * self.group_size} must be "
                 f"divisible by minibatches={self.minibatches}"
+            )
+        if (self.prompts_per_step * self.group_size // self.minibatches) % self.microbatches:
+            raise ValueError(
+                f"prompts_per_step * group_size / minibatches = "
+                f"{self.prompts_per_step * self.group_size // self.minibatches} must be divisible by "
+                f"microbatches={self.microbatches}"
             )
         if not 0 <= self.overlong_buffer <= self.max_new_tokens:
             raise ValueError(f"overlong_buffer must be in [0, max_new_tokens={self.max_new_tokens}], got {self.overlong_buffer}")
@@ -336,12 +349,26 @@ def _zero_router_grads(grads):
 def _make_update(split, tx, static: _Static, placement: Placement):
     lora = static.config.lora
 
-    def update(params, opt_state, batch, train_router, frozen=None):
-        def loss_fn(p):
-            full = apply_lora(frozen, p, lora) if lora.enabled else p
-            return _policy_loss(full, batch, split, static)
+    config = static.config
+    # GSPO's loss is a mean over sequences; the PPO loss follows loss_agg
+    agg = config.loss_agg if config.policy_loss == "ppo" else "seq_mean_token_mean"
 
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    def update(params, opt_state, batch, train_router, frozen=None):
+        def loss_fn(p, b):
+            full = apply_lora(frozen, p, lora) if lora.enabled else p
+            if b["routing"] is not None:  # rows back on axis 1: [M, rows, L, k]
+                b = {**b, "routing": jnp.moveaxis(b["routing"], 0, 1)}
+            return _policy_loss(full, b, split, static)
+
+        # micro-batches split rows on axis 0: MoE routing [M, N, L, k] moves its rows first
+        rows_first = batch if batch["routing"] is None else {**batch, "routing": jnp.moveaxis(batch["routing"], 1, 0)}
+        tokens = row_weights(batch["mask"], "token_mean")
+        token_means = ("clipfrac", "clipfrac_high", "clipfrac_low", "clipfrac_lower", "approx_kl", "entropy")
+        metric_weights = {name: tokens for name in token_means}
+        if config.policy_loss == "ppo":
+            metric_weights["ratio_mean"] = tokens  # GSPO's is a mean over sequences, like its loss
+        (loss, metrics), grads = accumulated_value_and_grad(loss_fn, params, rows_first, row_weights(batch["mask"], agg),
+                                                            config.microbatches, metric_weights)
         grads = jax.lax.cond(train_router, lambda g: g, _zero_router_grads, grads)
         metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         params, opt_state, finite = apply_if_finite(tx, params, opt_state, grads, loss)
@@ -444,9 +471,11 @@ def train(
     """
     validate_records(prompts, required=("prompt",))
     n_rows = config.prompts_per_step * config.group_size
+    update_rows = ("prompts_per_step * group_size / minibatches" if config.microbatches == 1
+                   else "prompts_per_step * group_size / (minibatches * microbatches)")
     placement = make_placement(config.mesh, policy, {
         "prompts_per_step": config.prompts_per_step,
-        "prompts_per_step * group_size / minibatches": n_rows // config.minibatches,
+        update_rows: n_rows // (config.minibatches * config.microbatches),
     })
     model = placed_model(policy, placement)
     pad = pad_id(tokenizer)

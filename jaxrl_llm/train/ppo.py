@@ -64,6 +64,7 @@ from jaxrl_llm.rollout.sampler import Rollout, apply_stop_strings, generate
 from jaxrl_llm.train.guard import apply_if_finite
 from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
+from jaxrl_llm.train.microbatch import accumulated_value_and_grad, row_weights
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
 from jaxrl_llm.train.policy import make_placement, placed_model, response_logprobs, split_model
 
@@ -96,6 +97,9 @@ class PPOConfig:
       loss_agg: ``aggregate_loss`` mode of every per-token loss.
       ppo_epochs: passes over each batch.
       minibatches: minibatches per pass (each one optimizer update).
+      microbatches: run each minibatch update as this many forward/backward passes whose
+        gradients add up to the minibatch's exactly (``train.microbatch``, weighted by
+        loss_agg): less activation memory, the same update.
       kl_kind: KL estimator (``ops.KL_KINDS``; "k1" as in InstructGPT, "k3" selectable).
       kl_coef: β (the initial β for "linear" and "adaptive").
       kl_schedule: "fixed"; "linear" (β from kl_coef to kl_coef_final over the run);
@@ -125,8 +129,9 @@ class PPOConfig:
         off); the default reference is then the frozen base model.
       mesh: device mesh (data × fsdp × tensor) of all four models. prompts_per_step
         (sampling), prompts_per_step · samples_per_prompt (scoring, log-probs, values)
-        and the minibatch rows of the updates (that / minibatches, and with replay
-        (that + replay_rows) / minibatches) must divide by data × fsdp.
+        and the rows of one update forward/backward (that / (minibatches · microbatches),
+        and with replay (that + replay_rows) / (minibatches · microbatches)) must divide
+        by data × fsdp.
     """
 
     run: RunConfig = RunConfig(output_dir="runs/ppo")
@@ -171,11 +176,12 @@ class PPOConfig:
     replay_rows: int = 0
     logprob_chunk_size: int = 1024
     lora: LoRAConfig = LoRAConfig()
+    microbatches: int = 1
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
         positive = ("prompts_per_step", "samples_per_prompt", "max_prompt_len", "max_new_tokens",
-                    "ppo_epochs", "minibatches", "logprob_chunk_size")
+                    "ppo_epochs", "minibatches", "logprob_chunk_size", "microbatches")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -220,6 +226,9 @@ class PPOConfig:
                 raise ValueError(f"update batch of {rows} rows (prompts_per_step * samples_per_prompt"
                                  f"{' (+ replay_rows)' if rows != self.num_rows else ''}) must be divisible "
                                  f"by minibatches={self.minibatches}")
+            if (rows // self.minibatches) % self.microbatches:
+                raise ValueError(f"minibatch of {rows // self.minibatches} rows must be divisible by "
+                                 f"microbatches={self.microbatches}")
 
     @property
     def num_rows(self) -> int:
@@ -231,10 +240,12 @@ class PPOConfig:
         the prompts when sampling, the N rollouts when scoring and evaluating, and each
         update minibatch (N rows, or N + replay_rows once the replay buffer is full)."""
         n = "prompts_per_step * samples_per_prompt"
+        split, parts = ("minibatches", self.minibatches) if self.microbatches == 1 else (
+            "(minibatches * microbatches)", self.minibatches * self.microbatches)
         rows = {"prompts_per_step": self.prompts_per_step, n: self.num_rows,
-                f"{n} / minibatches": self.num_rows // self.minibatches}
+                f"{n} / {split}": self.num_rows // parts}
         if self.replay_rows:
-            rows[f"({n} + replay_rows) / minibatches"] = (self.num_rows + self.replay_rows) // self.minibatches
+            rows[f"({n} + replay_rows) / {split}"] = (self.num_rows + self.replay_rows) // parts
         return rows
 
     def kl_coef_at(self, step: int) -> float:
@@ -407,12 +418,13 @@ class LossOptions:
     kl_in_reward: bool = True
     kl_kind: str = "k1"
     lora: LoRAConfig = LoRAConfig()
+    microbatches: int = 1
 
     @classmethod
     def from_config(cls, config: PPOConfig) -> "LossOptions":
         return cls(config.max_prompt_len, config.logprob_chunk_size, config.clip_low, config.clip_high,
                    config.dual_clip, config.value_clip, config.vf_coef, config.entropy_coef, config.loss_agg,
-                   config.kl_in_reward, config.kl_kind, config.lora)
+                   config.kl_in_reward, config.kl_kind, config.lora, config.microbatches)
 
 
 def _forward(params, rests, tokens, full_mask, graphs, opts: LossOptions):
@@ -473,7 +485,12 @@ def _global_norm(tree) -> jax.Array:
 def _update_step(params, opt_state, batch, rests, *, graphs, tx, opts, placement: Placement):
     """One optimizer update of policy and critic on a minibatch whose rows are split over
     the mesh; the new params and optimizer state keep their sharding."""
-    (loss, metrics), grads = jax.value_and_grad(ppo_loss, has_aux=True)(params, batch, rests, graphs, opts)
+    tokens = row_weights(batch["mask"], "token_mean")
+    token_means = ("clipfrac", "clipfrac_high", "clipfrac_low", "clipfrac_lower", "approx_kl", "ratio_mean",
+                   "vf_clipfrac", "value_error", "entropy")
+    (loss, metrics), grads = accumulated_value_and_grad(
+        lambda p, b: ppo_loss(p, b, rests, graphs, opts), params, batch, row_weights(batch["mask"], opts.loss_agg),
+        opts.microbatches, {name: tokens for name in token_means})
     metrics["grad_norm"] = _global_norm(grads["policy"])
     metrics["critic_grad_norm"] = _global_norm(grads["critic"])
     params, opt_state, finite = apply_if_finite(tx, params, opt_state, grads, loss)

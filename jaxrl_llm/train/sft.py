@@ -20,6 +20,7 @@ from jaxrl_llm.data.sft import SFTBatch, SFTLoader
 from jaxrl_llm.train.guard import apply_if_finite
 from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
+from jaxrl_llm.train.microbatch import accumulated_value_and_grad, row_weights
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
 from jaxrl_llm.parallel.placement import MeshConfig, Placement
 from jaxrl_llm.train.policy import SplitModel, make_placement, placed_model, split_model
@@ -39,7 +40,11 @@ class SFTConfig:
       add_bos: prepend the tokenizer's bos to every example.
       logprob_chunk_size: tokens per chunk of ``logprobs_from_hidden``.
       lora: low-rank adapters instead of full fine-tuning (rank 0: off).
-      mesh: device mesh (data × fsdp × tensor); batch_size must divide by data × fsdp.
+      microbatches: run each update's batch as this many forward/backward passes whose
+        gradients add up to the whole batch's exactly (``train.microbatch``): less
+        activation memory, the same update.
+      mesh: device mesh (data × fsdp × tensor); batch_size / microbatches must divide by
+        data × fsdp.
     """
 
     run: RunConfig = RunConfig(output_dir="runs/sft")
@@ -52,12 +57,15 @@ class SFTConfig:
     add_bos: bool = False
     logprob_chunk_size: int = 1024
     lora: LoRAConfig = LoRAConfig()
+    microbatches: int = 1
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
-        for name in ("batch_size", "max_len", "logprob_chunk_size"):
+        for name in ("batch_size", "max_len", "logprob_chunk_size", "microbatches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.microbatches:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by microbatches={self.microbatches}")
         if self.loss_agg not in ops.AGGREGATION_MODES:
             raise ValueError(f"loss_agg must be one of {ops.AGGREGATION_MODES}, got {self.loss_agg!r}")
 
@@ -78,19 +86,24 @@ def sft_forward_loss(model: nnx.Module, batch: dict, agg: str, chunk_size: int, 
 
 
 def make_sft_update(split: SplitModel, tx, loss_agg: str, chunk_size: int, packed: bool = False,
-                    lora: LoRAConfig | None = None, placement: Placement | None = None):
+                    lora: LoRAConfig | None = None, placement: Placement | None = None, microbatches: int = 1):
     """Jitted SFT step (shared by SFT and RFT):
     (params, opt_state, batch[, frozen]) → (params, opt_state, finite, metrics).
 
     With ``lora`` enabled, ``params`` are the adapters and ``frozen`` the base params. With a
-    ``placement``, the new params and optimizer state keep their sharding."""
+    ``placement``, the new params and optimizer state keep their sharding. With
+    ``microbatches`` > 1 the batch runs as that many forward/backward passes."""
 
     def update(params, opt_state, batch, frozen=None):
-        def loss_fn(p):
+        def loss_fn(p, b):
             full = p if lora is None or not lora.enabled else apply_lora(frozen, p, lora)
-            return sft_forward_loss(split.merge(full), batch, loss_agg, chunk_size, packed)
+            return sft_forward_loss(split.merge(full), b, loss_agg, chunk_size, packed)
 
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        targets = batch["loss_mask"][:, 1:]
+        (loss, metrics), grads = accumulated_value_and_grad(
+            loss_fn, params, batch, row_weights(targets, loss_agg), microbatches,
+            metric_weights={"nll": row_weights(targets, "token_mean"), "num_tokens": None})
+        metrics["perplexity"] = jnp.exp(metrics["nll"])  # exp of the whole batch's token-mean NLL
         params, opt_state, finite = apply_if_finite(tx, params, opt_state, grads, loss)
         if placement is not None:
             params, opt_state = placement.constrain((params, opt_state))
@@ -124,14 +137,16 @@ def train(
       TrainResult (model, per-step metrics, output_dir).
     """
     validate_records(examples)
-    placement = make_placement(config.mesh, policy, {"batch_size": config.batch_size})
+    rows = ({"batch_size": config.batch_size} if config.microbatches == 1
+            else {"batch_size / microbatches": config.batch_size // config.microbatches})
+    placement = make_placement(config.mesh, policy, rows)
     model = placed_model(policy, placement)
     loader = SFTLoader(examples, tokenizer, config.batch_size, max_len=config.max_len, seed=config.run.seed,
                        pack=config.pack, bucket=config.bucket, add_bos=config.add_bos)
     split = split_model(model)
     tx = make_optimizer(config.optim, config.run.total_steps)
     update = make_sft_update(split, tx, config.loss_agg, config.logprob_chunk_size, config.pack, config.lora,
-                             placement)
+                             placement, config.microbatches)
     frozen = split.params if config.lora.enabled else None
     trainable = init_lora(split.params, config.lora, jax.random.PRNGKey(config.run.seed)) if frozen else split.params
     state = placement.place({"params": trainable, "opt_state": tx.init(trainable)})

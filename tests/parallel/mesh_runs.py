@@ -75,8 +75,13 @@ def params_of(model) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
-def assert_same_params(results: dict[str, TrainResult], atol: float = 5e-5, model_of=lambda r: r.model) -> None:
-    """The final parameters of every run agree with those of the first run."""
+def assert_same_params(results: dict[str, TrainResult], atol: float = 3e-4, model_of=lambda r: r.model) -> None:
+    """The final parameters of every run agree with those of the first run.
+
+    ``atol``: 1% of the largest move of 3 Adam steps at lr 1e-2. Sums split across devices
+    or micro-batches add in another order (float32 differences of ~1e-7); Adam's
+    ``m / sqrt(v)`` turns such a difference into up to a full step where a gradient is
+    near zero, so a parameter tolerance must scale with the learning rate."""
     names = list(results)
     base = params_of(model_of(results[names[0]]))
     for name in names[1:]:
@@ -119,14 +124,9 @@ def check_trainer(
     param_atol: float = 3e-4,
     tied_at_start: tuple[str, ...] = (),
 ) -> dict[str, TrainResult]:
-    """Run on every mesh of ``MESHES`` and assert equal metrics, equal final params and a
-    really sharded result on the multi-device meshes.
-
-    ``param_atol``: 1% of the largest move of 3 Adam steps at lr 1e-2. Sums over rows
-    split across devices add in another order (float32 differences of ~1e-7); Adam's
-    ``m / sqrt(v)`` turns such a difference into up to a full step where a gradient is
-    near zero, so a parameter tolerance must scale with the learning rate.
-    """
+    """Run on every mesh of ``MESHES`` and assert equal metrics, equal final params
+    (``param_atol``: see :func:`assert_same_params`) and a really sharded result on the
+    multi-device meshes."""
     results = run_on_meshes(run, tmp_path)
     assert_same_metrics(results, rtol=metric_rtol, atol=metric_atol, tied_at_start=tied_at_start)
     assert_same_params(results, atol=param_atol, model_of=model_of)

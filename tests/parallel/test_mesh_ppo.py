@@ -68,7 +68,7 @@ def test_ppo_same_on_every_mesh(tmp_path, kw, reward_model):
             assert len(results[name].critic.sharding.device_set) == mesh.data * mesh.fsdp * mesh.tensor
         assert results["1x1x1"].history[-1]["replay_rows"] == 8
     else:
-        assert_same_params(results, model_of=lambda r: r.critic)  # default atol 5e-5
+        assert_same_params(results, atol=5e-5, model_of=lambda r: r.critic)  # the critic moves less: tighter
         for name, mesh in MESHES.items():
             if mesh.num_devices != 1:
                 assert_sharded(results[name].critic, mesh)
