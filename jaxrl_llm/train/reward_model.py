@@ -45,7 +45,6 @@ from jaxrl_llm.data.records import validate_records
 from jaxrl_llm.models.heads import RewardModel, ScalarHeadModel
 from jaxrl_llm.models.transformer import CausalLM
 from jaxrl_llm.parallel.placement import MeshConfig, Placement, forward_rows
-from jaxrl_llm.parallel.sharding import create_sharded
 from jaxrl_llm.train.guard import apply_if_finite
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
@@ -189,9 +188,7 @@ def as_reward_model(model: Any, pool: str = "last", *, seed: int = 0,
             raise ValueError('the reward model must pool to one score per sequence (pool "last" or "mean"), got "none"')
         rm = model
     elif isinstance(model, CausalLM):
-        build = lambda: RewardModel(model.config, rngs=nnx.Rngs(seed), pool=pool)  # noqa: E731
-        # on a mesh the new model is created in its sharding: no whole copy on one device
-        rm = build() if placement is None else create_sharded(build, placement.mesh, placement.rules)
+        rm = RewardModel(model.config, rngs=nnx.Rngs(seed), pool=pool)
         nnx.update(rm.model, jax.tree.map(jnp.array, nnx.state(model.model, nnx.Param)))
     else:
         raise ValueError("model must be a RewardModel, a CausalLM or a local checkpoint path, got "
