@@ -38,6 +38,15 @@ def _check_clip(clip_low: float, clip_high: float) -> None:
         raise ValueError(f"clip_high must be >= 0, got {clip_high}")
 
 
+PPO_TOKEN_MEAN_METRICS: tuple[str, ...] = (
+    "clipfrac", "clipfrac_high", "clipfrac_low", "clipfrac_lower", "approx_kl", "ratio_mean"
+)
+"""Metrics of :func:`ppo_policy_loss` that are token means over the mask."""
+
+VALUE_TOKEN_MEAN_METRICS: tuple[str, ...] = ("vf_clipfrac", "value_error")
+"""Metrics of :func:`value_loss` that are token means over the mask."""
+
+
 def ppo_policy_loss(
     logp: chex.Array,
     old_logp: chex.Array,

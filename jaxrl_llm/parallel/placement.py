@@ -313,10 +313,6 @@ class Placement:
         with sharding_context(self.mesh, self.rules) as mesh:
             yield mesh
 
-    def describe(self) -> dict:
-        """``{"data": d, "fsdp": f, "tensor": t}`` of the mesh."""
-        return {a: int(self.mesh.shape[a]) for a in MESH_AXES}
-
 
 def forward_rows(
     fn: Callable, rows: Sequence[np.ndarray], batch_size: int, placement: Placement | None = None

@@ -32,6 +32,7 @@ from jaxrl_llm import ops
 from jaxrl_llm.data.prompts import PromptBatch, PromptLoader
 from jaxrl_llm.data.records import validate_records
 from jaxrl_llm.data.tokenization import decode_ids, eos_id, pad_id
+from jaxrl_llm.ops.policy_losses import PPO_TOKEN_MEAN_METRICS
 from jaxrl_llm.parallel.placement import MeshConfig, Placement
 from jaxrl_llm.rewards.combine import safe_reward_fn
 from jaxrl_llm.rollout.sampler import Rollout, generate
@@ -347,11 +348,13 @@ def _zero_router_grads(grads):
 
 
 def _make_update(split, tx, static: _Static, placement: Placement):
-    lora = static.config.lora
-
     config = static.config
-    # GSPO's loss is a mean over sequences; the PPO loss follows loss_agg
+    lora = config.lora
+    # GSPO's loss (and its ratio_mean) is a mean over sequences; the PPO loss follows loss_agg
     agg = config.loss_agg if config.policy_loss == "ppo" else "seq_mean_token_mean"
+    token_means = PPO_TOKEN_MEAN_METRICS + ("entropy",)
+    if config.policy_loss == "gspo":
+        token_means = tuple(name for name in token_means if name != "ratio_mean")
 
     def update(params, opt_state, batch, train_router, frozen=None):
         def loss_fn(p, b):
@@ -363,12 +366,8 @@ def _make_update(split, tx, static: _Static, placement: Placement):
         # micro-batches split rows on axis 0: MoE routing [M, N, L, k] moves its rows first
         rows_first = batch if batch["routing"] is None else {**batch, "routing": jnp.moveaxis(batch["routing"], 1, 0)}
         tokens = row_weights(batch["mask"], "token_mean")
-        token_means = ("clipfrac", "clipfrac_high", "clipfrac_low", "clipfrac_lower", "approx_kl", "entropy")
-        metric_weights = {name: tokens for name in token_means}
-        if config.policy_loss == "ppo":
-            metric_weights["ratio_mean"] = tokens  # GSPO's is a mean over sequences, like its loss
         (loss, metrics), grads = accumulated_value_and_grad(loss_fn, params, rows_first, row_weights(batch["mask"], agg),
-                                                            config.microbatches, metric_weights)
+                                                            config.microbatches, dict.fromkeys(token_means, tokens))
         grads = jax.lax.cond(train_router, lambda g: g, _zero_router_grads, grads)
         metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         params, opt_state, finite = apply_if_finite(tx, params, opt_state, grads, loss)
@@ -553,9 +552,10 @@ def train(
         tokens, full_mask = placement.to_host(rollout.full_tokens())
         mask = (np.asarray(rollout.mask) * batch.valid[:, None]).astype(np.float32)
         routing = placement.to_host(rollout.full_routing())  # aligned with full_tokens' left-aligned prompts
-        # device copies, rows split over the mesh's batch axes (routing: rows on axis 1)
-        tokens_d, full_mask_d = placement.rows((tokens, full_mask))
-        routing_d = placement.rows(routing, axis=1)
+        if has_old or config.tis_cap is not None or has_ref:
+            # device copies for the log-prob passes, rows split over the mesh (routing: axis 1)
+            tokens_d, full_mask_d = placement.rows((tokens, full_mask))
+            routing_d = placement.rows(routing, axis=1)
 
         # old / reference log-probs
         t1 = time.perf_counter()

@@ -57,9 +57,7 @@ def make_placement(mesh: MeshConfig, model: Any, rows: dict[str, int]) -> Placem
 def placed_model(model: Any, placement: Placement, **load_kwargs) -> nnx.Module:
     """A model on the run's mesh: an NNX model is placed by the rules in place; a local HF
     checkpoint path is streamed tensor by tensor straight into its sharding."""
-    if isinstance(model, str):
-        return placement.model(model, **load_kwargs)
-    return placement.place(as_model(model))
+    return placement.model(model if isinstance(model, str) else as_model(model), **load_kwargs)
 
 
 def split_model(model: nnx.Module) -> SplitModel:

@@ -57,6 +57,7 @@ from jaxrl_llm.data.prompts import OVERLONG_PROMPT_POLICIES, PromptBatch, Prompt
 from jaxrl_llm.data.records import validate_records
 from jaxrl_llm.data.tokenization import decode_ids, eos_id, pad_id
 from jaxrl_llm.models.heads import ScalarHeadModel, ValueModel
+from jaxrl_llm.ops.policy_losses import PPO_TOKEN_MEAN_METRICS, VALUE_TOKEN_MEAN_METRICS
 from jaxrl_llm.parallel.placement import MeshConfig, Placement
 from jaxrl_llm.parallel.sharding import create_sharded
 from jaxrl_llm.rewards.combine import safe_reward_fn
@@ -485,12 +486,10 @@ def _global_norm(tree) -> jax.Array:
 def _update_step(params, opt_state, batch, rests, *, graphs, tx, opts, placement: Placement):
     """One optimizer update of policy and critic on a minibatch whose rows are split over
     the mesh; the new params and optimizer state keep their sharding."""
-    tokens = row_weights(batch["mask"], "token_mean")
-    token_means = ("clipfrac", "clipfrac_high", "clipfrac_low", "clipfrac_lower", "approx_kl", "ratio_mean",
-                   "vf_clipfrac", "value_error", "entropy")
+    token_means = PPO_TOKEN_MEAN_METRICS + VALUE_TOKEN_MEAN_METRICS + ("entropy",)
     (loss, metrics), grads = accumulated_value_and_grad(
         lambda p, b: ppo_loss(p, b, rests, graphs, opts), params, batch, row_weights(batch["mask"], opts.loss_agg),
-        opts.microbatches, {name: tokens for name in token_means})
+        opts.microbatches, dict.fromkeys(token_means, row_weights(batch["mask"], "token_mean")))
     metrics["grad_norm"] = _global_norm(grads["policy"])
     metrics["critic_grad_norm"] = _global_norm(grads["critic"])
     params, opt_state, finite = apply_if_finite(tx, params, opt_state, grads, loss)
