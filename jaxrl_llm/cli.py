@@ -8,8 +8,10 @@ a notebook run are the same run. Inputs are local paths only (no hub downloads):
   --policy   HF checkpoint directory, or ``tiny:<family>`` for a fresh tiny model
   --tokenizer  HF tokenizer directory, or ``char`` for the built-in CharTokenizer
   --data     JSONL / JSON / parquet file or a saved ``datasets`` directory
-  --reward   a built-in reward function name (arithmetic, math, think_answer_format), or
-             your own ``path/to/file.py:function`` / ``package.module:function``
+  --reward   a built-in reward (arithmetic, math, think_answer_format, think_answer_tags),
+             or your own ``path/to/file.py:function`` / ``package.module:function``;
+             repeat it for several rewards, weighted by ``reward_weights=[1.0,0.1]``
+             (the same as the config's ``reward_funcs``)
 
 Every stage first calls ``parallel.init_distributed()`` (a no-op on one host; under
 SLURM, on a TPU pod slice or with ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
@@ -26,23 +28,12 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
 
 # transformers, imported for tokenizers only, would announce on every run that PyTorch
 # (which jaxrl_llm never uses) is missing.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import jaxrl_llm
-
-
-def _rewards() -> dict[str, Any]:
-    from jaxrl_llm import rewards
-
-    return {
-        "arithmetic": rewards.arithmetic_reward,
-        "math": rewards.math_accuracy_reward,
-        "think_answer_format": rewards.format_reward(),
-    }
 
 
 def _load_policy(spec: str):
@@ -71,6 +62,28 @@ def _require(args: argparse.Namespace, *names: str) -> None:
     missing = [f"--{n}" for n in names if getattr(args, n) is None]
     if missing:
         raise SystemExit(f"jaxrl-llm {args.command}: missing {', '.join(missing)}")
+
+
+def _config_dict(args: argparse.Namespace) -> dict:
+    """The YAML file + ``key=value`` overrides, with ``--reward`` specs as ``reward_funcs``."""
+    from jaxrl_llm.train.config import load_config_dict
+
+    given = load_config_dict(args.config, args.overrides)
+    if getattr(args, "reward", None):
+        if given.get("reward_funcs"):
+            raise ValueError("give the rewards either as --reward or as reward_funcs in the config, not both")
+        given["reward_funcs"] = list(args.reward)
+    return given
+
+
+def _require_reward(args: argparse.Namespace, config) -> None:
+    from jaxrl_llm.rewards.registry import BUILTIN_REWARDS
+
+    if not config.reward_funcs:
+        raise SystemExit(
+            f"jaxrl-llm {args.command}: missing --reward: a built-in {list(BUILTIN_REWARDS)}, "
+            "path/to/file.py:function or package.module:function (repeat for several), or reward_funcs "
+            "in the config")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -110,7 +123,7 @@ def _sft(args: argparse.Namespace) -> int:
 
 def _grpo(args: argparse.Namespace) -> int:
     from jaxrl_llm.train import grpo
-    from jaxrl_llm.train.config import from_dict, load_config_dict
+    from jaxrl_llm.train.config import from_dict
 
     if args.policy is None and args.data is None:
         from jaxrl_llm.train import quickstart
@@ -118,15 +131,16 @@ def _grpo(args: argparse.Namespace) -> int:
         summary = quickstart.run(args.preset, args.out, args.quick)
         print(json.dumps(summary, indent=2))
         return 0
-    _require(args, "policy", "tokenizer", "data", "reward")
+    _require(args, "policy", "tokenizer", "data")
     from jaxrl_llm.data import load_records
 
     # The preset supplies the recipe; fields given in the file or as overrides win.
-    given = load_config_dict(args.config, args.overrides)
+    given = _config_dict(args)
     typed = from_dict(grpo.GRPOConfig, given)
     config = grpo.GRPOConfig.preset(args.preset, **{k: getattr(typed, k) for k in given})
+    _require_reward(args, config)
     result = grpo.train(config, policy=_load_policy(args.policy), tokenizer=_load_tokenizer(args.tokenizer),
-                        prompts=load_records(args.data), reward_fn=_reward(args.reward))
+                        prompts=load_records(args.data, required=()))
     _finish(result)
     return 0
 
@@ -148,12 +162,13 @@ def _dpo(args: argparse.Namespace) -> int:
 def _rft(args: argparse.Namespace) -> int:
     from jaxrl_llm.data import load_records
     from jaxrl_llm.train import rft
-    from jaxrl_llm.train.config import load_config
+    from jaxrl_llm.train.config import from_dict
 
-    _require(args, "policy", "tokenizer", "data", "reward")
-    config = load_config(rft.RFTConfig, args.config, args.overrides)
+    _require(args, "policy", "tokenizer", "data")
+    config = from_dict(rft.RFTConfig, _config_dict(args))
+    _require_reward(args, config)
     result = rft.train(config, policy=_load_policy(args.policy), tokenizer=_load_tokenizer(args.tokenizer),
-                       prompts=load_records(args.data), reward_fn=_reward(args.reward))
+                       prompts=load_records(args.data, required=()))
     _finish(result)
     return 0
 
@@ -174,59 +189,25 @@ def _reward_model(args: argparse.Namespace) -> int:
 def _ppo(args: argparse.Namespace) -> int:
     from jaxrl_llm.data import load_records
     from jaxrl_llm.train import ppo
-    from jaxrl_llm.train.config import load_config
+    from jaxrl_llm.train.config import from_dict
 
     _require(args, "policy", "tokenizer", "data")
-    if args.reward is None and args.reward_model is None:
-        raise SystemExit("jaxrl-llm ppo: give --reward-model (a reward checkpoint) and/or --reward (a function name)")
-    config = load_config(ppo.PPOConfig, args.config, args.overrides)
+    config = from_dict(ppo.PPOConfig, _config_dict(args))
+    if args.reward_model is None:
+        _require_reward(args, config)
     result = ppo.train(config, policy=_load_policy(args.policy), tokenizer=_load_tokenizer(args.tokenizer),
-                       prompts=load_records(args.data), reward_model=args.reward_model,
-                       reward_fn=None if args.reward is None else _reward(args.reward))
+                       prompts=load_records(args.data, required=()), reward_model=args.reward_model)
     _finish(result)
     return 0
-
-
-def _reward(name: str):
-    rewards = _rewards()
-    if name in rewards:
-        return rewards[name]
-    if ":" in name:
-        return _import_function(name)
-    raise SystemExit(
-        f"--reward must be one of {sorted(rewards)} or path/to/file.py:function or "
-        f"package.module:function, got {name!r}"
-    )
-
-
-def _import_function(spec: str):
-    """``path/to/file.py:function`` or ``package.module:function`` → the function."""
-    import importlib
-    import importlib.util
-    from pathlib import Path
-
-    target, _, attr = spec.rpartition(":")
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise SystemExit(f"--reward {spec!r}: file {target!r} not found")
-        module_spec = importlib.util.spec_from_file_location(f"_jaxrl_llm_user_{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as err:
-            raise SystemExit(f"--reward {spec!r}: cannot import module {target!r} ({err})") from err
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise SystemExit(f"--reward {spec!r}: {target!r} has no function {attr!r}")
-    return fn
 
 
 def _finish(result) -> None:
     last = result.history[-1] if result.history else {}
     print(json.dumps({"output_dir": str(result.output_dir), "steps": len(result.history), "last": last}, indent=2))
+
+
+REWARD_HELP = ("built-in reward (arithmetic, math, think_answer_format, think_answer_tags), path/to/file.py:function "
+               "or package.module:function; repeat for several, weighted by reward_weights=[...]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,15 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     stage("sft", _sft, "supervised fine-tuning on prompt/response records")
     g = stage("grpo", _grpo, "GRPO / Dr. GRPO / DAPO / GSPO / RLOO with a verifiable reward")
     g.add_argument("--preset", default="grpo", help="grpo | dr_grpo | dapo | gspo | rloo")
-    g.add_argument("--reward", help="built-in reward name, path/to/file.py:function or module:function")
+    g.add_argument("--reward", action="append", help=REWARD_HELP)
     g.add_argument("--out", default="results", help="quick-start output root (no --policy/--data)")
     g.add_argument("--quick", action="store_true", help="quick-start: a few steps only")
     stage("dpo", _dpo, "DPO / cDPO / robust / IPO / hinge on prompt/chosen/rejected records")
     r = stage("rft", _rft, "rejection-sampling fine-tuning with a reward function")
-    r.add_argument("--reward", help="built-in reward name, path/to/file.py:function or module:function")
+    r.add_argument("--reward", action="append", help=REWARD_HELP)
     stage("reward", _reward_model, "reward model (Bradley–Terry / Plackett–Luce) on preference records")
     p = stage("ppo", _ppo, "PPO with GAE, KL-shaped rewards and a critic")
-    p.add_argument("--reward", help="built-in reward name, path/to/file.py:function or module:function")
+    p.add_argument("--reward", action="append", help=REWARD_HELP)
     p.add_argument("--reward-model", dest="reward_model", help="reward model checkpoint directory")
     return parser
 

@@ -88,9 +88,36 @@ def test_own_reward_function_from_a_file_or_module(tmp_path, arithmetic_jsonl, c
         assert "reward_mean" in json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     for spec, message in [(f"{tmp_path}/missing.py:f", "not found"), (f"{reward_file}:nope", "no function 'nope'"),
                           ("no_such_module_xyz:f", "cannot import module")]:
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(ValueError, match=message):
             main(["grpo", "--policy", "tiny:llama", "--tokenizer", "char", "--data", str(arithmetic_jsonl),
                   "--reward", spec])
+
+
+def test_several_rewards_with_weights(tmp_path, arithmetic_jsonl):
+    """--reward twice + reward_weights: the logged reward is the weighted sum of the two,
+    each one's mean is logged too, and the config records the specs."""
+    reward_file = tmp_path / "lengths.py"
+    reward_file.write_text("def length(prompts, completions, **columns):\n"
+                           "    return [float(len(c)) for c in completions]\n"
+                           "def one(prompts, completions, **columns):\n"
+                           "    return [1.0] * len(completions)\n")
+    out = tmp_path / "run"
+    assert main(["grpo", "--policy", "tiny:llama", "--tokenizer", "char", "--data", str(arithmetic_jsonl),
+                 "--reward", f"{reward_file}:length", "--reward", f"{reward_file}:one", "reward_weights=[0.5,3.0]",
+                 f"run.output_dir={out}", "run.total_steps=2", "run.progress=false", "prompts_per_step=2",
+                 "group_size=2", "max_prompt_len=8", "max_new_tokens=4"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert row["reward/one"] == 1.0
+        assert row["reward_mean"] == pytest.approx(0.5 * row["reward/length"] + 3.0, abs=1e-5)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["reward_funcs"] == [f"{reward_file}:length", f"{reward_file}:one"]
+    assert saved["reward_weights"] == [0.5, 3.0]
+    with pytest.raises(SystemExit, match="missing --reward.*arithmetic"):
+        main(["grpo", "--policy", "tiny:llama", "--tokenizer", "char", "--data", str(arithmetic_jsonl)])
+    with pytest.raises(ValueError, match="reward_weights has 1 values for 2"):
+        main(["grpo", "--policy", "tiny:llama", "--tokenizer", "char", "--data", str(arithmetic_jsonl),
+              "--reward", "arithmetic", "--reward", "math", "reward_weights=[1.0]"])
 
 
 def test_dpo_and_rft_stages(tmp_path, arithmetic_jsonl):

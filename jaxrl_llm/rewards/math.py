@@ -259,12 +259,15 @@ def math_accuracy_reward(
     Args:
       prompts: N prompts (unused).
       completions: N completions (str or conversational message lists).
-      answer: dataset column with N gold answers (bare answers or GSM8K/MATH solutions).
+      answer: dataset column with N gold answers (bare answers or GSM8K/MATH solutions);
+        without it, the ``solution`` column is read (TRL's and open-r1's name).
 
     Returns:
       N floats in {0.0, 1.0} or None.
     """
-    del prompts, columns
+    del prompts
+    if answer is None and columns.get("solution") is not None:
+        answer = columns["solution"]
     answer = column("answer", answer, len(completions))
     rewards: list[float | None] = []
     for completion, gold in zip(completions, answer):

@@ -34,7 +34,6 @@ from jaxrl_llm.data.records import validate_records
 from jaxrl_llm.data.tokenization import decode_ids, eos_id, pad_id
 from jaxrl_llm.ops.policy_losses import PPO_TOKEN_MEAN_METRICS
 from jaxrl_llm.parallel.placement import MeshConfig, Placement
-from jaxrl_llm.rewards.combine import safe_reward_fn
 from jaxrl_llm.rollout.sampler import Rollout, generate
 from jaxrl_llm.train.guard import apply_if_finite
 from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
@@ -48,12 +47,16 @@ from jaxrl_llm.train.policy import (
     routing_change_fraction,
     split_model,
 )
+from jaxrl_llm.train.scoring import RewardScorer, resolve_reward, validate_reward_fields
 
 logger = logging.getLogger(__name__)
 
 ADVANTAGES = ("group", "batch", "none", "rloo")
 POLICY_LOSSES = ("ppo", "gspo")
 PRESETS = ("grpo", "dr_grpo", "dapo", "gspo", "rloo")
+# Below this many new tokens, DAPO's default overlong buffer (a fifth of the budget) falls
+# on lengths that ordinary answers reach, so the preset warns.
+SHORT_BUDGET = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +92,14 @@ class GRPOConfig:
       moe_aux_coef: weight of the MoE load-balancing loss.
       router_z_coef: MoE router regulariser — weight of the ST-MoE router z-loss.
       tis_cap: truncated importance-sampling cap C for rollout/trainer mismatch (None: off).
-      reward_default: score for samples the reward function could not score (None: the
-        sample is excluded from the loss).
+      reward_default: score for samples the reward function failed on (an exception or
+        NaN; None: the sample is excluded from the loss, as when it returns None).
+      reward_funcs: reward specs used when ``train`` gets no ``reward_fn``: built-in names,
+        ``file.py:function`` or ``module:function`` (``rewards.load_reward_fn``).
+      reward_weights: one weight per reward function (None: 1 each); the reward is
+        Σ_k w_k · r_k (TRL's ``reward_weights``).
+      max_unscored_frac: stop with ``RewardHealthError`` when more than this fraction of
+        a sampling round could not be scored (1.0: never stop).
       logprob_chunk_size: tokens per chunk of ``logprobs_from_hidden``.
       lora: train low-rank adapters of the policy instead of all weights (rank 0: off);
         the reference is then the frozen base model.
@@ -136,6 +145,9 @@ class GRPOConfig:
     router_z_coef: float = 0.0
     tis_cap: float | None = None
     reward_default: float | None = None
+    reward_funcs: tuple[str, ...] = ()
+    reward_weights: tuple[float, ...] | None = None
+    max_unscored_frac: float = 0.5
     logprob_chunk_size: int = 1024
     lora: LoRAConfig = LoRAConfig()
     microbatches: int = 1
@@ -177,6 +189,7 @@ class GRPOConfig:
             raise ValueError(f"temperature must be > 0 for RL sampling, got {self.temperature}")
         if self.tis_cap is not None and self.tis_cap <= 0:
             raise ValueError(f"tis_cap must be > 0 or None, got {self.tis_cap}")
+        validate_reward_fields(self.reward_funcs, self.reward_weights, self.max_unscored_frac)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GRPOConfig":
@@ -202,7 +215,16 @@ class GRPOConfig:
         }[name]
         fields = {**recipe, **overrides}
         if name == "dapo" and "overlong_buffer" not in overrides:
-            fields["overlong_buffer"] = max(1, fields.get("max_new_tokens", cls.max_new_tokens) // 5)
+            budget = fields.get("max_new_tokens", cls.max_new_tokens)
+            fields["overlong_buffer"] = max(1, budget // 5)
+            if budget < SHORT_BUDGET:
+                warnings.warn(
+                    f"dapo preset: overlong_buffer = max_new_tokens // 5 = {fields['overlong_buffer']} penalises "
+                    f"every response longer than {budget - fields['overlong_buffer']} tokens (down to "
+                    f"-overlong_factor at {budget}). DAPO sized it for a 20k-token budget; with max_new_tokens="
+                    f"{budget} correct answers may need the whole budget and the policy learns to cut them "
+                    "short. Set overlong_buffer=0 (off) or a buffer that fits your answers.", UserWarning,
+                    stacklevel=2)
         return cls(**fields)
 
 
@@ -223,24 +245,18 @@ class ScoredBatch:
 def score_rollout(
     rollout: Rollout,
     prompts: PromptBatch,
-    reward_fn: Callable,
+    scorer: RewardScorer,
     tokenizer: Any,
     config: GRPOConfig,
 ) -> ScoredBatch:
-    """Decodes completions, calls the reward function (TRL convention: extra record
+    """Decodes completions, scores them (``train.scoring``: TRL's arguments, extra record
     columns as keyword lists, one entry per completion), adds the overlong penalty."""
-    g = config.group_size
     tokens = np.asarray(rollout.tokens)
     lengths = np.asarray(rollout.lengths)
     completions = [
         decode_ids(tokenizer, tokens[i, : lengths[i]].tolist(), skip_special_tokens=True) for i in range(len(tokens))
     ]
-    texts = [t for t in prompts.texts for _ in range(g)]
-    columns = {key: [v for v in values for _ in range(g)] for key, values in prompts.columns.items()}
-    raw = reward_fn(texts, completions, **columns)
-    if len(raw) != len(completions):
-        raise ValueError(f"reward_fn returned {len(raw)} scores for {len(completions)} completions")
-    task = np.array([np.nan if r is None else float(r) for r in raw], np.float32)
+    task = scorer(prompts.prompts, completions, prompts.columns, config.group_size).astype(np.float32)
     valid = np.isfinite(task)
     scores = np.where(valid, task, 0.0).astype(np.float32)
     if config.overlong_buffer:
@@ -450,7 +466,7 @@ def train(
     policy: Any,
     tokenizer: Any,
     prompts: Sequence[dict],
-    reward_fn: Callable,
+    reward_fn: Callable | Sequence[Callable | str] | None = None,
     reference: Any = None,
 ) -> TrainResult:
     """Trains ``policy`` with the GRPO family on prompts scored by ``reward_fn``.
@@ -461,7 +477,9 @@ def train(
       tokenizer: HF tokenizer or ``CharTokenizer``.
       prompts: records with a ``prompt`` (string or chat messages) and extra columns
         (e.g. ``answer``) passed to the reward function as keyword lists.
-      reward_fn: ``reward_fn(prompts, completions, **columns) -> list[float | None]``.
+      reward_fn: ``reward_fn(prompts, completions, **columns) -> list[float | None]``, or
+        a list of functions / specs weighted by ``config.reward_weights``; None: the
+        config's ``reward_funcs``.
       reference: frozen reference model (default: the initial policy) — only used when
         kl_coef > 0.
 
@@ -469,6 +487,8 @@ def train(
       TrainResult with the trained model and per-step metrics.
     """
     validate_records(prompts, required=("prompt",))
+    scorer = RewardScorer(resolve_reward(reward_fn, config), default=config.reward_default,
+                          max_unscored_frac=config.max_unscored_frac)
     n_rows = config.prompts_per_step * config.group_size
     update_rows = ("prompts_per_step * group_size / minibatches" if config.microbatches == 1
                    else "prompts_per_step * group_size / (minibatches * microbatches)")
@@ -483,8 +503,6 @@ def train(
     # rounds of dynamic sampling concatenate and nothing recompiles.
     loader = PromptLoader(prompts, tokenizer, config.prompts_per_step, seed=config.run.seed,
                           max_prompt_len=config.max_prompt_len, padding_side="right", bucket="max")
-    safe_reward = safe_reward_fn(reward_fn, default=config.reward_default)
-
     split = split_model(model)
     updates_per_step = config.num_inner_updates * config.minibatches
     tx = make_optimizer(config.optim, config.run.total_steps * updates_per_step)
@@ -527,7 +545,7 @@ def train(
             prompt_batch, rollout = _sample_round(current, loader, config, jax.random.fold_in(k_step, round_), pad,
                                                   stop_ids, placement)
             # score
-            rounds.append(score_rollout(rollout, prompt_batch, safe_reward, tokenizer, config))
+            rounds.append(score_rollout(rollout, prompt_batch, scorer, tokenizer, config))
             if informative_before is None:
                 informative_before = float(np.mean(informative_groups(rounds[0].scores, rounds[0].valid, config.group_size)))
             if not config.dynamic_sampling:
@@ -629,9 +647,12 @@ def train(
             "skipped_no_signal": int(inner_passes == 0),
             "generations": len(rounds) * n_rows,
             "reward_failures": int(sum((~b.valid).sum() for b in rounds)),
+            **scorer.step_metrics(),
             "response_length_mean": float(lengths.mean()),
             "response_length_max": int(lengths.max()),
             "truncated_fraction": float(np.mean(~np.asarray(rollout.finished))),
+            **({"overlong_penalized_fraction": float(np.mean(lengths > config.max_new_tokens - config.overlong_buffer))}
+               if config.overlong_buffer else {}),
             "time_sampling": t_sample,
             "time_logprobs": t_logprob,
             "time_update": t_update,

@@ -18,7 +18,9 @@ from jaxrl_llm.parallel.placement import host_array
 logger = logging.getLogger(__name__)
 
 # Shown in the progress bar when present, in this order.
-PROGRESS_KEYS = ("loss", "reward_mean", "accuracy", "kl", "entropy", "tokens_per_s")
+PROGRESS_KEYS = ("loss", "reward_mean", "reward", "accuracy", "kept", "kl", "entropy", "tokens_per_s")
+# Shown only when non-zero: a warning sign, not a routine figure.
+PROGRESS_ALERT_KEYS = ("reward_unscored_frac",)
 
 
 def to_python(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -78,6 +80,8 @@ class MetricsLogger:
                     self._tb.add_scalar(key, value, step)
         if self._bar is not None:
             shown = {k: f"{row[k]:.4g}" for k in PROGRESS_KEYS if isinstance(row.get(k), (int, float))}
+            shown.update({k.removeprefix("reward_"): f"{row[k]:.2g}" for k in PROGRESS_ALERT_KEYS
+                          if isinstance(row.get(k), (int, float)) and row[k]})
             self._bar.set_postfix(shown, refresh=False)
             self._bar.update(1)
         return row

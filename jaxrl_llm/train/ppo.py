@@ -60,7 +60,6 @@ from jaxrl_llm.models.heads import ScalarHeadModel, ValueModel
 from jaxrl_llm.ops.policy_losses import PPO_TOKEN_MEAN_METRICS, VALUE_TOKEN_MEAN_METRICS
 from jaxrl_llm.parallel.placement import MeshConfig, Placement
 from jaxrl_llm.parallel.sharding import create_sharded
-from jaxrl_llm.rewards.combine import safe_reward_fn
 from jaxrl_llm.rollout.sampler import Rollout, apply_stop_strings, generate
 from jaxrl_llm.train.guard import apply_if_finite
 from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
@@ -68,6 +67,7 @@ from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
 from jaxrl_llm.train.microbatch import accumulated_value_and_grad, row_weights
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
 from jaxrl_llm.train.policy import make_placement, placed_model, response_logprobs, split_model
+from jaxrl_llm.train.scoring import RewardScorer, resolve_reward, validate_reward_fields
 
 KL_SCHEDULES = ("fixed", "linear", "adaptive")
 KL_REWARD_PLACEMENTS = ("token", "sequence")
@@ -120,8 +120,10 @@ class PPOConfig:
       reward_clip: clip (normalised) scores to [−c, c] (None: no clip).
       missing_eos_penalty: subtracted from the score of responses cut at
         max_new_tokens without a stop token (None: off).
-      reward_default: score for samples ``reward_fn`` could not score (None: the sample
-        is left out of the loss).
+      reward_default: score for samples ``reward_fn`` failed on (an exception or NaN;
+        None: the sample is left out of the loss, as when it returns None).
+      reward_funcs, reward_weights, max_unscored_frac: the reward functions by spec, their
+        weights and the health limit, as in ``GRPOConfig`` (``train.scoring``).
       replay_capacity: rows kept in a replay buffer of earlier rollouts (0: off).
       replay_rows: rows drawn from the buffer and added to each update batch (once the
         buffer holds that many).
@@ -173,6 +175,9 @@ class PPOConfig:
     reward_clip: float | None = None
     missing_eos_penalty: float | None = None
     reward_default: float | None = None
+    reward_funcs: tuple[str, ...] = ()
+    reward_weights: tuple[float, ...] | None = None
+    max_unscored_frac: float = 0.5
     replay_capacity: int = 0
     replay_rows: int = 0
     logprob_chunk_size: int = 1024
@@ -219,6 +224,7 @@ class PPOConfig:
             raise ValueError(f"reward_clip must be > 0 or None, got {self.reward_clip}")
         if self.vf_coef < 0 or self.entropy_coef < 0:
             raise ValueError(f"vf_coef and entropy_coef must be >= 0, got {self.vf_coef}, {self.entropy_coef}")
+        validate_reward_fields(self.reward_funcs, self.reward_weights, self.max_unscored_frac)
         if self.replay_capacity < 0 or self.replay_rows < 0 or self.replay_rows > self.replay_capacity:
             raise ValueError(f"need 0 <= replay_rows <= replay_capacity, got replay_rows={self.replay_rows}, "
                              f"replay_capacity={self.replay_capacity}")
@@ -548,13 +554,14 @@ def score_rollout(
     tokenizer: Any,
     config: PPOConfig,
     *,
-    reward_fn: Callable | None,
+    scorer: RewardScorer | None,
     reward_model_fn: Callable | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Raw sequence scores [N] (NaN where unscored) and the valid mask [N].
 
-    The reward model scores prompt + response at the last valid token; ``reward_fn``
-    (TRL convention) scores the decoded completion; given both, the scores add up.
+    The reward model scores prompt + response at the last valid token; the reward
+    function (``train.scoring``, TRL convention) scores the decoded completion; given
+    both, the scores add up.
     """
     g = config.samples_per_prompt
     n = rollout.num_rows
@@ -562,16 +569,11 @@ def score_rollout(
     if reward_model_fn is not None:
         tokens, full_mask = rollout.full_tokens()
         total += np.asarray(reward_model_fn(tokens, full_mask), np.float64)
-    if reward_fn is not None:
+    if scorer is not None:
         toks, lengths = np.asarray(rollout.tokens), np.asarray(rollout.lengths)
         completions = [decode_ids(tokenizer, toks[i, : lengths[i]].tolist(), skip_special_tokens=True)
                        for i in range(n)]
-        texts = [t for t in prompts.texts for _ in range(g)]
-        columns = {k: [v for v in vals for _ in range(g)] for k, vals in prompts.columns.items()}
-        raw = reward_fn(texts, completions, **columns)
-        if len(raw) != n:
-            raise ValueError(f"reward_fn returned {len(raw)} scores for {n} completions")
-        total += np.array([np.nan if r is None else float(r) for r in raw], np.float64)
+        total += scorer(prompts.prompts, completions, prompts.columns, g)
     if config.missing_eos_penalty is not None:
         total -= config.missing_eos_penalty * (~np.asarray(rollout.finished)).astype(np.float64)
     valid = np.isfinite(total)
@@ -615,7 +617,7 @@ def train(
     tokenizer: Any,
     prompts: Sequence[dict],
     reward_model: Any = None,
-    reward_fn: Callable | None = None,
+    reward_fn: Callable | Sequence[Callable | str] | None = None,
     critic: Any = None,
     reference: Any = None,
 ) -> TrainResult:
@@ -631,7 +633,9 @@ def train(
       reward_model: a RewardModel (``ScalarHeadModel`` pooling "last"/"mean") or a local
         checkpoint path (``load_hf(kind="reward")``); it must share the policy's
         tokenizer. It scores prompt + response at the last valid token.
-      reward_fn: ``reward_fn(prompts, completions, **columns) -> list[float | None]``.
+      reward_fn: ``reward_fn(prompts, completions, **columns) -> list[float | None]``, or
+        a list of functions / specs weighted by ``config.reward_weights``; None: the
+        config's ``reward_funcs`` (if any).
       critic: a ValueModel (own backbone) or a local checkpoint path
         (``load_hf(kind="value")``); default: a copy of the policy's backbone with a zero
         value head. Must be None with ``config.shared_critic``.
@@ -647,8 +651,9 @@ def train(
       on the result): a ValueModel sharded like the policy, or the shared value head
       [D, 1], replicated.
     """
-    if reward_model is None and reward_fn is None:
-        raise ValueError("PPO needs a reward: pass reward_model and/or reward_fn")
+    reward = resolve_reward(reward_fn, config, required=False)
+    if reward_model is None and reward is None:
+        raise ValueError("PPO needs a reward: pass reward_model and/or reward_fn (or set config.reward_funcs)")
     if config.shared_critic and critic is not None:
         raise ValueError("shared_critic=True uses a value head on the policy; do not pass a critic")
     validate_records(prompts, required=("prompt",))
@@ -686,7 +691,8 @@ def train(
                              f"{model.config.vocab_size}: it must share the policy's tokenizer (wrap a "
                              "differently tokenized reward model in a reward_fn instead)")
         reward_model_fn = _make_reward_model_fn(rm, placement)
-    safe_reward = safe_reward_fn(reward_fn, default=config.reward_default) if reward_fn is not None else None
+    scorer = (RewardScorer(reward, default=config.reward_default, max_unscored_frac=config.max_unscored_frac)
+              if reward is not None else None)
 
     # optimizers: one chain per parameter group
     updates_per_step = config.ppo_epochs * config.minibatches
@@ -744,7 +750,7 @@ def train(
         t_sample = time.perf_counter() - t0
 
         # score
-        raw, valid = score_rollout(rollout, prompt_batch, tokenizer, config, reward_fn=safe_reward,
+        raw, valid = score_rollout(rollout, prompt_batch, tokenizer, config, scorer=scorer,
                                    reward_model_fn=reward_model_fn)
         reward_stats = state["reward_stats"]
         scores = np.where(valid, raw, 0.0).astype(np.float32)
@@ -838,6 +844,7 @@ def train(
             "response_length_max": int(lengths.max()),
             "truncated_fraction": float(np.mean(~np.asarray(rollout.finished))),
             "reward_failures": int((~valid).sum()),
+            **(scorer.step_metrics() if scorer is not None else {}),
             "replay_rows": replay_used,
             "time_sampling": t_sample,
             "time_logprobs": t_logprob,

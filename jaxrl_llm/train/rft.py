@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import time
@@ -47,9 +48,14 @@ from jaxrl_llm.rollout.sampler import Rollout, generate
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
 from jaxrl_llm.train.policy import as_model, make_placement, placed_model, split_model
+from jaxrl_llm.train.scoring import RewardScorer, resolve_reward, reward_inputs, validate_reward_fields
 from jaxrl_llm.train.sft import batch_arrays, make_sft_update
 
+logger = logging.getLogger(__name__)
+
 SELECTIONS = ("best", "threshold")
+# An iteration where fewer prompts than this fraction keep an example is reported loudly.
+STARVED_PROMPT_FRACTION = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +80,16 @@ class RFTConfig:
       selection: "best" (the highest-reward candidate of each prompt, if it reaches
         ``reward_threshold``) or "threshold" (every candidate with reward ≥
         reward_threshold, best first, at most ``max_per_prompt`` per prompt).
-      reward_threshold: minimum reward to keep a candidate (None: no minimum; required
-        for "threshold").
+      reward_threshold: minimum reward to keep a candidate. The default 0.5 keeps only
+        the answers a 0/1 verifier accepts (a prompt whose every answer is wrong gives
+        nothing to imitate); set your own for other reward scales, or None to keep the
+        best candidate whatever its reward (RAFT / best-of-N distillation).
       max_per_prompt: cap on kept candidates per prompt ("threshold").
       dedup: drop identical candidates within a prompt's group before selecting.
       drop_unfinished: drop candidates cut at max_new_tokens (no stop token).
       loss_agg: ``aggregate_loss`` mode of the SFT loss.
+      reward_funcs, reward_weights, max_unscored_frac: the reward functions by spec, their
+        weights and the health limit, as in ``GRPOConfig`` (``train.scoring``).
       logprob_chunk_size: tokens per chunk of ``logprobs_from_hidden``.
       mesh: device mesh (data × fsdp × tensor). sampling_batch_size (prompts per
         ``generate`` call) and batch_size (SFT rows) must divide by data × fsdp; scoring,
@@ -100,11 +110,14 @@ class RFTConfig:
     top_p: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
     selection: str = "best"
-    reward_threshold: float | None = None
+    reward_threshold: float | None = 0.5
     max_per_prompt: int = 1
     dedup: bool = True
     drop_unfinished: bool = True
     loss_agg: str = "token_mean"
+    reward_funcs: tuple[str, ...] = ()
+    reward_weights: tuple[float, ...] | None = None
+    max_unscored_frac: float = 0.5
     logprob_chunk_size: int = 1024
     mesh: MeshConfig = MeshConfig()
 
@@ -125,6 +138,7 @@ class RFTConfig:
             raise ValueError(f"temperature must be > 0 for sampling, got {self.temperature}")
         if self.loss_agg not in ops.AGGREGATION_MODES:
             raise ValueError(f"loss_agg must be one of {ops.AGGREGATION_MODES}, got {self.loss_agg!r}")
+        validate_reward_fields(self.reward_funcs, self.reward_weights, self.max_unscored_frac)
 
     @property
     def num_iterations(self) -> int:
@@ -203,12 +217,12 @@ def _sample(model, prompts, config: RFTConfig, rng, pad: int, stop_ids, placemen
     return placement.to_host(rollout)
 
 
-def _sample_iteration(model, loader, config: RFTConfig, tokenizer, reward_fn, rng, stop_ids,
+def _sample_iteration(model, loader, config: RFTConfig, tokenizer, scorer: RewardScorer, rng, stop_ids,
                       placement: Placement) -> IterationData:
     k = config.samples_per_prompt
     pad = pad_id(tokenizer)
     examples, rows = [], []
-    all_rewards, kept_rewards, stats = [], [], CandidateStats()
+    all_rewards, kept_rewards, stats, below = [], [], CandidateStats(), 0
     pass_at_k, lengths_all, finished_all = [], [], []
     for round_ in range(config.prompts_per_iteration // config.sampling_batch_size):
         # sample
@@ -218,16 +232,15 @@ def _sample_iteration(model, loader, config: RFTConfig, tokenizer, reward_fn, rn
         completions = [decode_ids(tokenizer, tokens[i, :lengths[i]].tolist(), skip_special_tokens=True)
                        for i in range(len(tokens))]
         # score
-        texts = [t for t in prompts.texts for _ in range(k)]
-        columns = {c: [v for v in vals for _ in range(k)] for c, vals in prompts.columns.items()}
-        raw = reward_fn(texts, completions, **columns)
-        rewards = np.array([np.nan if r is None else float(r) for r in raw], np.float64)
+        rewards = scorer(prompts.prompts, completions, prompts.columns, k)
         # filter + select
         allowed, batch_stats = filter_candidates(list(tokens), group_size=k, lengths=lengths, finished=finished,
                                                  drop_unfinished=config.drop_unfinished, dedup=config.dedup)
         keep = select_candidates(rewards, allowed, k, selection=config.selection,
                                  threshold=config.reward_threshold, max_per_prompt=config.max_per_prompt)
         stats = stats + batch_stats
+        if config.reward_threshold is not None:
+            below += int((np.asarray(allowed) & np.isfinite(rewards) & (rewards < config.reward_threshold)).sum())
         all_rewards.append(rewards)
         kept_rewards.append(rewards[keep])
         pass_at_k.append(np.nanmax(np.where(np.isfinite(rewards), rewards, -np.inf).reshape(-1, k), axis=1))
@@ -254,11 +267,34 @@ def _sample_iteration(model, loader, config: RFTConfig, tokenizer, reward_fn, rn
         "kept_fraction": len(kept) / len(rewards),
         "prompts_with_kept": len({e.index for e in examples}) / config.prompts_per_iteration,
         "unscored": int((~scored).sum()),
+        "candidates/below_threshold": below,
         "response_length_mean": float(np.mean(np.concatenate(lengths_all))),
         "truncated_fraction": float(np.mean(~np.concatenate(finished_all))),
         **{k_: float(v) for k_, v in stats.as_dict("candidates/").items()},
     }
     return IterationData(examples, metrics, rows)
+
+
+def _warn_if_starved(metrics: dict, config: RFTConfig, iteration: int) -> None:
+    """Says loudly why an iteration kept (almost) nothing: which filter took the candidates."""
+    if metrics["prompts_with_kept"] >= STARVED_PROMPT_FRACTION:
+        return
+    total = int(metrics["candidates/total"])
+    dropped = {
+        f"cut at max_new_tokens={config.max_new_tokens} without a stop token (drop_unfinished=True)":
+            metrics["candidates/unfinished"],
+        "duplicates within their prompt's group (dedup=True)": metrics["candidates/duplicates"],
+        "empty": metrics["candidates/empty"],
+        "not scored by the reward function": metrics["unscored"],
+        f"reward below reward_threshold={config.reward_threshold}": metrics["candidates/below_threshold"],
+    }
+    reasons = "; ".join(f"{int(n)} {why}" for why, n in dropped.items() if n)
+    logger.warning(
+        "RFT iteration %d kept %d of %d candidates: %d of %d prompts have an example to learn from. "
+        "Dropped: %s. Raise max_new_tokens or set drop_unfinished=false if answers are cut, lower "
+        "reward_threshold (None keeps each prompt's best), or start from a better policy (e.g. SFT first).",
+        iteration, int(metrics["kept"]), total, round(metrics["prompts_with_kept"] * config.prompts_per_iteration),
+        config.prompts_per_iteration, reasons or "nothing")
 
 
 # ---------------------------------------------------------------------------- persistence
@@ -315,7 +351,7 @@ def train(
     policy: Any,
     tokenizer: Any,
     prompts: Any,
-    reward_fn: Callable,
+    reward_fn: Callable | Sequence[Callable | str] | None = None,
 ) -> TrainResult:
     """Rejection-sampling fine-tuning of ``policy`` on prompts scored by ``reward_fn``.
 
@@ -328,7 +364,8 @@ def train(
         dicts or a local dataset path.
       reward_fn: ``reward_fn(prompts, completions, **columns) -> list[float | None]``
         (wrapped with ``safe_reward_fn``: exceptions / NaN make a sample unscored,
-        and unscored samples are never kept).
+        and unscored samples are never kept), or a list of functions / specs weighted
+        by ``config.reward_weights``; None: the config's ``reward_funcs``.
 
     Returns:
       TrainResult; every step's metrics include its ``iteration`` and that iteration's
@@ -343,7 +380,8 @@ def train(
     stop_ids = tuple(dict.fromkeys((eos_id(tokenizer), *config.stop_token_ids)))
     loader = PromptLoader(records, tokenizer, config.sampling_batch_size, seed=config.run.seed,
                           max_prompt_len=config.max_prompt_len, padding_side="right", bucket="max")
-    safe_reward = safe_reward_fn(reward_fn, default=None)
+    scorer = RewardScorer(resolve_reward(reward_fn, config), default=None,
+                          max_unscored_frac=config.max_unscored_frac)
     split = split_model(model)
     tx = make_optimizer(config.optim, config.run.total_steps)
     update = make_sft_update(split, tx, config.loss_agg, config.logprob_chunk_size, placement=placement)
@@ -370,8 +408,10 @@ def train(
             # sample → score → select, with the current policy
             t0 = time.perf_counter()
             current = split.merge(state["params"])
-            data = _sample_iteration(current, loader, config, tokenizer, safe_reward,
+            data = _sample_iteration(current, loader, config, tokenizer, scorer,
                                      jax.random.fold_in(base_key, iteration), stop_ids, placement)
+            data.metrics.update(scorer.step_metrics())
+            _warn_if_starved(data.metrics, config, iteration)
             data.metrics["time_sampling"] = time.perf_counter() - t0
             _save_iteration(_iteration_path(loop.output_dir, iteration), data)
             sft_loader = _sft_loader(data.examples, config, pad, iteration) if data.examples else None
@@ -460,7 +500,7 @@ def best_of_n_curve(
         tokens, lengths = np.asarray(rollout.tokens), np.asarray(rollout.lengths)
         completions = [decode_ids(tokenizer, tokens[i, :lengths[i]].tolist(), skip_special_tokens=True)
                        for i in range(len(tokens))]
-        texts = [t for t in batch.texts for _ in range(m)]
+        texts, completions = reward_inputs(batch.prompts, completions, m)
         columns = {c: [v for v in vals for _ in range(m)] for c, vals in batch.columns.items()}
         raw = safe(texts, completions, **columns)
         rewards = np.array([reward_default if r is None else float(r) for r in raw]).reshape(-1, m)

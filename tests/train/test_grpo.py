@@ -1,6 +1,7 @@
 """GRPO-family trainer: presets, per-preset loss vs a numpy reference, dynamic sampling,
 routing replay, and short end-to-end runs."""
 
+import dataclasses
 import logging
 import math
 
@@ -303,7 +304,10 @@ def test_failing_reward_samples_are_excluded_not_fatal(tmp_path, char_setup):
                 out.append(float(len(c) % 2))
         return out
 
-    result = train(_run_config(tmp_path, "grpo"), policy=model, tokenizer=tok, prompts=data, reward_fn=flaky)
+    # 6 of 8 unscored is above the default health limit (0.5); this test is about exclusion
+    config = dataclasses.replace(_run_config(tmp_path, "grpo"), max_unscored_frac=1.0)
+    result = train(config, policy=model, tokenizer=tok, prompts=data, reward_fn=flaky)
     for row in result.history:
         assert row["reward_failures"] == 6  # 3 None + 3 NaN of 8
+        assert row["reward_unscored_frac"] == 0.75
         assert np.isfinite(row["loss"])

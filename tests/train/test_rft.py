@@ -33,7 +33,7 @@ def _config(tmp_path, **kw):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(selection="all"), "selection"), (dict(selection="threshold"), "reward_threshold"),
+    (dict(selection="all"), "selection"), (dict(selection="threshold", reward_threshold=None), "reward_threshold"),
     (dict(prompts_per_iteration=6, sampling_batch_size=4), "multiple"), (dict(temperature=0.0), "temperature"),
     (dict(samples_per_prompt=0), "samples_per_prompt"), (dict(loss_agg="sum"), "loss_agg"),
 ])
@@ -77,7 +77,8 @@ def test_nothing_kept_means_no_update_and_failing_rewards_are_never_kept(tmp_pat
     def broken(prompts, completions, **kw):
         raise RuntimeError("judge down")
 
-    config = _config(tmp_path, reward_threshold=0.5)
+    # every sample failing would stop the run (max_unscored_frac); this test is about the update
+    config = _config(tmp_path, reward_threshold=0.5, max_unscored_frac=1.0)
     result = train(config, policy=model, tokenizer=CharTokenizer(), prompts=data, reward_fn=broken)
     for row in result.history:
         assert row["kept"] == 0 and row["kept_fraction"] == 0.0 and row["skipped_no_data"] == 1
