@@ -2,7 +2,8 @@
 
 ``reward_fn(prompts, completions, **columns) -> list[float | None]``, one value per
 completion, None meaning "could not score". Rule/verifier rewards (math answers,
-formats, synthetic arithmetic) and combinators (weighted sums, a failure-safe wrapper).
+formats, synthetic arithmetic), combinators (weighted sums, a failure-safe wrapper) and
+reward specs by name (``load_reward_fn``, ``build_reward``). See docs/rewards.md.
 """
 
 from jaxrl_llm.rewards._utils import RewardFn, completion_text
@@ -34,6 +35,7 @@ from jaxrl_llm.rewards.math import (
     math_equal,
     normalize_answer,
 )
+from jaxrl_llm.rewards.registry import BUILTIN_REWARDS, build_reward, load_reward_fn
 
 __all__ = [
     "RewardFn",
@@ -58,4 +60,7 @@ __all__ = [
     "math_accuracy_reward",
     "math_equal",
     "normalize_answer",
+    "BUILTIN_REWARDS",
+    "build_reward",
+    "load_reward_fn",
 ]
