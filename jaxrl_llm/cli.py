@@ -152,7 +152,7 @@ def _dpo(args: argparse.Namespace) -> int:
 
     _require(args, "policy", "tokenizer", "data")
     config = load_config(dpo.DPOConfig, args.config, args.overrides)
-    preferences = load_records(args.data, required=("prompt",))
+    preferences = load_records(args.data, required=())
     result = dpo.train(config, policy=_load_policy(args.policy), tokenizer=_load_tokenizer(args.tokenizer),
                        preferences=preferences)
     _finish(result)
@@ -181,7 +181,7 @@ def _reward_model(args: argparse.Namespace) -> int:
     _require(args, "policy", "tokenizer", "data")
     config = load_config(reward_model.RewardConfig, args.config, args.overrides)
     result = reward_model.train(config, model=_load_policy(args.policy), tokenizer=_load_tokenizer(args.tokenizer),
-                                preferences=load_records(args.data, required=("prompt",)))
+                                preferences=load_records(args.data, required=()))
     _finish(result)
     return 0
 

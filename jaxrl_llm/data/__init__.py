@@ -6,6 +6,17 @@ from jaxrl_llm.data.candidates import (
     filter_candidates,
     group_kept_counts,
 )
+from jaxrl_llm.data.formats import (
+    PREFERENCE_SHAPES,
+    PROMPT_SHAPES,
+    SFT_SHAPES,
+    check_formats,
+    detect_format,
+    extract_prompt,
+    preference_record,
+    prompt_of,
+    sft_parts,
+)
 from jaxrl_llm.data.padding import bucket_length, pad_rows
 from jaxrl_llm.data.preferences import (
     KwiseBatch,
@@ -19,10 +30,28 @@ from jaxrl_llm.data.preferences import (
     preferences_from_scores,
     tokenize_preferences,
 )
-from jaxrl_llm.data.prompts import PromptBatch, PromptLoader, PromptStats, collate_prompts, tokenize_prompts
-from jaxrl_llm.data.records import load_records, rename_columns, save_records, validate_records
+from jaxrl_llm.data.prompts import (
+    PromptBatch,
+    PromptLoader,
+    PromptStats,
+    collate_prompts,
+    tokenize_prompts,
+)
+from jaxrl_llm.data.records import (
+    load_records,
+    rename_columns,
+    save_records,
+    validate_records,
+)
 from jaxrl_llm.data.sampler import BatchLoader, EpochSampler
-from jaxrl_llm.data.sft import SFTBatch, SFTLoader, SFTStats, collate_sft, pack_examples, tokenize_sft
+from jaxrl_llm.data.sft import (
+    SFTBatch,
+    SFTLoader,
+    SFTStats,
+    collate_sft,
+    pack_examples,
+    tokenize_sft,
+)
 from jaxrl_llm.data.tokenization import (
     decode_ids,
     encode_text,
@@ -33,14 +62,52 @@ from jaxrl_llm.data.tokenization import (
 )
 
 __all__ = [
-    "CandidateStats", "dedup_within_groups", "filter_candidates", "group_kept_counts",
-    "bucket_length", "pad_rows",
-    "KwiseBatch", "PreferenceBatch", "PreferenceLoader", "PreferenceStats", "cohens_kappa",
-    "collate_kwise", "collate_pairs", "expand_kwise_to_pairs", "preferences_from_scores",
+    "PREFERENCE_SHAPES",
+    "PROMPT_SHAPES",
+    "SFT_SHAPES",
+    "BatchLoader",
+    "CandidateStats",
+    "EpochSampler",
+    "KwiseBatch",
+    "PreferenceBatch",
+    "PreferenceLoader",
+    "PreferenceStats",
+    "PromptBatch",
+    "PromptLoader",
+    "PromptStats",
+    "SFTBatch",
+    "SFTLoader",
+    "SFTStats",
+    "bucket_length",
+    "check_formats",
+    "cohens_kappa",
+    "collate_kwise",
+    "collate_pairs",
+    "collate_prompts",
+    "collate_sft",
+    "decode_ids",
+    "dedup_within_groups",
+    "detect_format",
+    "encode_text",
+    "eos_id",
+    "expand_kwise_to_pairs",
+    "extract_prompt",
+    "filter_candidates",
+    "group_kept_counts",
+    "load_records",
+    "pack_examples",
+    "pad_id",
+    "pad_rows",
+    "preference_record",
+    "preferences_from_scores",
+    "prompt_of",
+    "rename_columns",
+    "render_prompt",
+    "response_text",
+    "save_records",
+    "sft_parts",
     "tokenize_preferences",
-    "PromptBatch", "PromptLoader", "PromptStats", "collate_prompts", "tokenize_prompts",
-    "load_records", "rename_columns", "save_records", "validate_records",
-    "BatchLoader", "EpochSampler",
-    "SFTBatch", "SFTLoader", "SFTStats", "collate_sft", "pack_examples", "tokenize_sft",
-    "decode_ids", "encode_text", "eos_id", "pad_id", "render_prompt", "response_text",
+    "tokenize_prompts",
+    "tokenize_sft",
+    "validate_records",
 ]

@@ -1,10 +1,14 @@
 """Preference data: pairwise and k-wise records, judge scores → pairs, and batches.
 
 Record formats (prompt and responses are strings or chat messages; a response given as
-messages must end with an assistant turn):
+messages must end with an assistant turn; see ``data.formats``):
 
 - pairwise: ``{"prompt", "chosen", "rejected", "label"?}``; ``label`` is the probability
   that ``chosen`` is preferred (1.0 by default, 0.5 for a tie kept as such);
+- pairwise with an implicit prompt (TRL): ``{"chosen", "rejected", "label"?}`` whose
+  chosen/rejected hold prompt + response; the prompt is their shared beginning
+  (``formats.extract_prompt``: the messages before the final assistant turn, or the
+  common text prefix cut before its last whitespace);
 - k-wise: ``{"prompt", "responses": [K], "ranking": [K]}`` where ``ranking[i]`` is the
   rank of ``responses[i]`` (lower is better, equal ranks are ties), or
   ``{"prompt", "responses": [K], "scores": [K]}`` (higher is better).
@@ -30,10 +34,16 @@ from typing import Any
 import flax.struct
 import numpy as np
 
+from jaxrl_llm.data.formats import check_formats, preference_record
 from jaxrl_llm.data.padding import bucket_length, check_bucket, pad_rows
-from jaxrl_llm.data.records import validate_records
 from jaxrl_llm.data.sampler import BatchLoader
-from jaxrl_llm.data.tokenization import encode_text, eos_id, pad_id, render_prompt, response_text
+from jaxrl_llm.data.tokenization import (
+    encode_text,
+    eos_id,
+    pad_id,
+    render_prompt,
+    response_text,
+)
 
 TIE_POLICIES = ("drop", "half")
 SCORE_MODES = ("pairwise", "best_worst", "kwise")
@@ -238,7 +248,8 @@ def tokenize_preferences(records: Sequence[Mapping[str, Any]], tokenizer, *, max
     """Tokenizes pairwise or k-wise records (responses ordered best → worst).
 
     Args:
-      records: pairwise or k-wise records (not mixed within a batch).
+      records: pairwise (explicit or implicit prompt) or k-wise records (not mixed within
+        a batch).
       tokenizer: HF tokenizer or CharTokenizer.
       max_len: longest prompt + response in tokens.
       overlong: "truncate" (cut every too-long response's end; drop a record whose
@@ -249,11 +260,12 @@ def tokenize_preferences(records: Sequence[Mapping[str, Any]], tokenizer, *, max
       (examples kept, in record order; PreferenceStats).
     """
     _check_option(overlong, OVERLONG_PREFERENCE_POLICIES, "overlong")
-    validate_records(records, ("prompt",))
+    check_formats(records, "preference")
     if add_eos:
         eos_id(tokenizer)
     out, truncated, dropped = [], 0, 0
     for i, rec in enumerate(records):
+        rec = preference_record(rec, i)  # an implicit prompt made explicit
         responses, label, scores = _responses_in_order(rec, i)
         p = encode_text(tokenizer, render_prompt(tokenizer, rec["prompt"]), add_bos=add_bos)
         if not p:
@@ -392,7 +404,7 @@ class PreferenceLoader(BatchLoader):
     """Deterministic, resumable iterator of ``PreferenceBatch`` or ``KwiseBatch``.
 
     Args:
-      records: pairwise and/or k-wise records.
+      records: pairwise (explicit or implicit prompt) and/or k-wise records.
       tokenizer: HF tokenizer or CharTokenizer.
       batch_size: B pairs (or prompts, for "kwise") per batch.
       max_len: longest prompt + response.
@@ -403,7 +415,8 @@ class PreferenceLoader(BatchLoader):
       bucket: L rounding. add_bos / add_eos: special tokens.
 
     Attributes:
-      records: the (expanded) records the loader iterates over.
+      records: the (expanded) records the loader iterates over, each with an explicit
+        prompt.
       stats: PreferenceStats of the over-length policy.
     """
 
@@ -415,7 +428,8 @@ class PreferenceLoader(BatchLoader):
                  process_index: int = 0, process_count: int = 1):
         _check_option(kind, PREFERENCE_KINDS, "kind")
         check_bucket(bucket)
-        validate_records(records, ("prompt",))
+        check_formats(records, "preference")
+        records = [preference_record(r, i) for i, r in enumerate(records)]
         pad = pad_id(tokenizer)
         if kind == "pairwise":
             expanded = []

@@ -1,7 +1,8 @@
 """Prompt datasets for RL (PPO, GRPO family, RFT): tokenized, bucketed prompt batches.
 
-Records are ``{"prompt": str | messages, "answer": ..., <extra columns>}``. Prompts are
-rendered (chat messages go through the chat template with the generation prompt),
+Records are ``{"prompt": str | messages, "answer": ..., <extra columns>}``, or
+``{"messages": [...], ...}`` whose prompt is the conversation minus a trailing assistant
+turn (see ``data.formats``). Prompts are rendered (chat messages go through the chat template with the generation prompt),
 tokenized once, and checked against ``max_prompt_len`` with one policy:
 
 - ``"error"``: raise, naming the record index and both lengths;
@@ -11,9 +12,10 @@ tokenized once, and checked against ``max_prompt_len`` with one policy:
 
 ``PromptLoader`` yields ``PromptBatch``es in a deterministic, resumable order. Each
 batch holds ``tokens [B, P] int32`` and ``mask [B, P] int32`` (left- or right-padded;
-P rounded up to a bucket so shapes repeat), the raw prompts and every extra column as
-lists, which is how reward functions receive them (TRL convention:
-``reward_fn(prompts, completions, **columns)``).
+P rounded up to a bucket so shapes repeat), the raw prompts (messages stay messages) and
+every extra column as lists, which is how reward functions receive them (TRL convention:
+``reward_fn(prompts, completions, **columns)``). The field a prompt came from ("prompt",
+or "messages" when it was the prompt) is not a column.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import flax.struct
 import numpy as np
 
+from jaxrl_llm.data.formats import prompt_of
 from jaxrl_llm.data.padding import bucket_length, check_bucket, check_side, pad_rows
 from jaxrl_llm.data.records import validate_records
 from jaxrl_llm.data.sampler import BatchLoader
@@ -41,10 +44,11 @@ class PromptBatch:
       tokens: [B, P] int32 prompt ids, padded with the pad id.
       mask: [B, P] int32, 1 on prompt tokens, 0 on padding.
       indices: [B] int32 record index of each row in the loader's record list.
-      prompts: B raw prompts as in the records (str or chat messages).
+      prompts: B raw prompts (str or chat messages; a ``messages`` record's prompt).
       texts: B rendered prompt strings (after the chat template).
       columns: {name: list of B values} for every other record field (e.g. "answer");
-        a record without the field gives None.
+        a record without the field gives None. Never "prompt", nor "messages" where
+        it was the prompt.
       padding_side: "left" (prompts end at column P-1) or "right" (start at column 0).
     """
 
@@ -77,12 +81,15 @@ class PromptStats:
 
 @dataclasses.dataclass(frozen=True)
 class TokenizedPrompt:
-    """One prompt ready for batching: record index, ids, rendered text and the record."""
+    """One prompt ready for batching: record index, ids, rendered text, the record, its raw
+    prompt and its other fields (the columns)."""
 
     index: int
     ids: tuple[int, ...]
     text: str
     record: Mapping[str, Any]
+    prompt: Any
+    columns: Mapping[str, Any]
 
 
 def tokenize_prompts(records: Sequence[Mapping[str, Any]], tokenizer, *,
@@ -92,7 +99,7 @@ def tokenize_prompts(records: Sequence[Mapping[str, Any]], tokenizer, *,
     """Renders and tokenizes every record's prompt, applying the over-length policy.
 
     Args:
-      records: dicts with ``prompt_field``.
+      records: dicts with ``prompt_field`` or ``messages`` (see ``formats.prompt_of``).
       tokenizer: HF tokenizer or CharTokenizer.
       max_prompt_len: longest prompt allowed in tokens (None: no limit).
       overlong: "error" | "truncate_left" | "drop".
@@ -106,10 +113,11 @@ def tokenize_prompts(records: Sequence[Mapping[str, Any]], tokenizer, *,
         raise ValueError(f"overlong={overlong!r}; expected one of {OVERLONG_PROMPT_POLICIES}.")
     if max_prompt_len is not None and max_prompt_len < 1:
         raise ValueError(f"max_prompt_len={max_prompt_len}; expected a positive int or None.")
-    validate_records(records, (prompt_field,))
+    validate_records(records)
+    prompts = [prompt_of(rec, i, prompt_field) for i, rec in enumerate(records)]  # shapes first
     out, truncated, dropped = [], 0, 0
-    for i, rec in enumerate(records):
-        text = render_prompt(tokenizer, rec[prompt_field])
+    for i, (rec, (prompt, source)) in enumerate(zip(records, prompts)):
+        text = render_prompt(tokenizer, prompt)
         ids = encode_text(tokenizer, text, add_bos=add_bos)
         if not ids:
             raise ValueError(f"record {i}: prompt encodes to 0 tokens; generation needs a non-empty prompt.")
@@ -122,7 +130,9 @@ def tokenize_prompts(records: Sequence[Mapping[str, Any]], tokenizer, *,
                 dropped += 1
                 continue
             ids, truncated = ids[-max_prompt_len:], truncated + 1
-        out.append(TokenizedPrompt(i, tuple(ids), text, rec))
+        # "prompt" is never a column: reward_fn(prompts, ..., prompt=...) would clash
+        columns = {k: v for k, v in rec.items() if k not in (source, "prompt")}
+        out.append(TokenizedPrompt(i, tuple(ids), text, rec, prompt, columns))
     stats = PromptStats(total=len(records), kept=len(out), truncated=truncated, dropped=dropped)
     if not out:
         raise ValueError(f"every prompt was dropped as longer than max_prompt_len={max_prompt_len}.")
@@ -131,8 +141,7 @@ def tokenize_prompts(records: Sequence[Mapping[str, Any]], tokenizer, *,
 
 def collate_prompts(items: Sequence[TokenizedPrompt], *, pad_token_id: int,
                     padding_side: str = "left", bucket=16, max_prompt_len: int | None = None,
-                    column_names: Sequence[str] = (), prompt_field: str = "prompt",
-                    longest: int | None = None) -> PromptBatch:
+                    column_names: Sequence[str] = (), longest: int | None = None) -> PromptBatch:
     """Pads tokenized prompts into a ``PromptBatch``.
 
     P = the bucket of ``longest`` (default: the longest prompt in ``items``; loaders
@@ -145,9 +154,9 @@ def collate_prompts(items: Sequence[TokenizedPrompt], *, pad_token_id: int,
     return PromptBatch(
         tokens=tokens, mask=mask,
         indices=np.asarray([it.index for it in items], np.int32),
-        prompts=[it.record[prompt_field] for it in items],
+        prompts=[it.prompt for it in items],
         texts=[it.text for it in items],
-        columns={c: [it.record.get(c) for it in items] for c in column_names},
+        columns={c: [it.columns.get(c) for it in items] for c in column_names},
         padding_side=padding_side)
 
 
@@ -159,7 +168,7 @@ class PromptLoader(BatchLoader):
     Iterates forever unless ``num_epochs`` is set.
 
     Args:
-      records: list of dicts with "prompt" (see ``load_records``).
+      records: list of dicts with "prompt" or "messages" (see ``load_records``).
       tokenizer: HF tokenizer or CharTokenizer.
       batch_size: B prompts per batch.
       seed: shuffle seed.
@@ -174,7 +183,7 @@ class PromptLoader(BatchLoader):
 
     Attributes:
       stats: PromptStats of the over-length policy.
-      column_names: the extra fields passed through (union over records, sorted).
+      column_names: the extra fields passed through (union over kept records, sorted).
     """
 
     def __init__(self, records: Sequence[Mapping[str, Any]], tokenizer, batch_size: int, *,
@@ -190,7 +199,7 @@ class PromptLoader(BatchLoader):
         pad = pad_id(tokenizer)
         items, self.stats = tokenize_prompts(records, tokenizer, max_prompt_len=max_prompt_len,
                                              overlong=overlong, add_bos=add_bos)
-        self.column_names = sorted({k for r in records for k in r} - {"prompt"})
+        self.column_names = sorted({k for it in items for k in it.columns})
         self.padding_side = padding_side
 
         def collate(batch, longest):

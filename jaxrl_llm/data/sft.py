@@ -1,11 +1,15 @@
 """Supervised fine-tuning examples: prompt + response rows with a response-only loss mask.
 
-Record formats (strings or chat messages):
+Record formats (TRL's standard and conversational formats; see ``data.formats``):
 
-- ``{"prompt": str, "response": str}`` (plain text);
-- ``{"prompt": messages, "response": str | [assistant message]}``;
+- ``{"prompt": str, "completion" | "response": str}`` (plain text);
+- ``{"prompt": messages, "completion" | "response": str | [..., assistant message]}``;
+  a messages completion reads as ``{"messages": prompt + completion}``;
 - ``{"messages": [..., {"role": "assistant", ...}]}``: the prompt is every message before
-  the LAST assistant turn, the response is that turn's content.
+  the LAST assistant turn, the response is that turn's content;
+- ``{"text": str}`` (language modelling): no prompt; every token is a target except the
+  first, which nothing predicts (it plays the prompt's part). With ``add_bos=True`` the
+  bos is that first token, so every text token is learned.
 
 Chat prompts are rendered with the chat template and the generation prompt; the response
 is its text followed by eos. Prompt and response are tokenized separately and
@@ -17,7 +21,8 @@ string, the response's first token carries that marker, as after a space.)
 response token, i.e. a target. A causal LM predicts token t from position t-1, so a
 trainer uses ``logits[:, :-1]`` against ``tokens[:, 1:]`` with ``loss_mask[:, 1:]``.
 The first token of every example is a prompt token, so a target never depends on a
-previous example (examples must have a non-empty prompt, or ``add_bos=True``).
+previous example (examples must have a non-empty prompt, or ``add_bos=True``; a
+``{"text"}`` example's first token is its prompt).
 
 Over-length examples (prompt + response > ``max_len``) follow one policy:
 ``"truncate"`` (cut the response's end; an example whose prompt alone leaves no room
@@ -38,17 +43,10 @@ from typing import Any
 import flax.struct
 import numpy as np
 
+from jaxrl_llm.data.formats import check_formats, sft_parts
 from jaxrl_llm.data.padding import bucket_length, check_bucket
-from jaxrl_llm.data.records import validate_records
 from jaxrl_llm.data.sampler import BatchLoader
-from jaxrl_llm.data.tokenization import (
-    check_messages,
-    encode_text,
-    eos_id,
-    pad_id,
-    render_prompt,
-    response_text,
-)
+from jaxrl_llm.data.tokenization import encode_text, eos_id, pad_id, render_prompt
 
 OVERLONG_SFT_POLICIES = ("truncate", "error", "drop")
 
@@ -95,21 +93,29 @@ class SFTExample:
 
 
 def split_sft_record(record: Mapping[str, Any], index: int = 0) -> tuple[Any, str]:
-    """(prompt, response text) of an SFT record in any of the supported formats."""
-    if record.get("messages") is not None:
-        messages = check_messages(record["messages"], f"record {index} 'messages'")
-        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-        if last is None:
-            raise ValueError(f"record {index}: 'messages' has no assistant turn to learn from.")
-        if last == 0:
-            raise ValueError(f"record {index}: 'messages' starts with the assistant turn; no prompt.")
-        return messages[:last], messages[last]["content"]
-    for field in ("prompt", "response"):
-        if record.get(field) is None:
-            raise ValueError(
-                f"record {index} needs 'prompt' and 'response' (or 'messages'); missing {field!r}; "
-                f"fields present: {sorted(record)}.")
-    return record["prompt"], response_text(record["response"], f"record {index} 'response'")
+    """(prompt, response text) of an SFT record in any supported format (prompt None for
+    ``{"text"}``)."""
+    return sft_parts(record, index)
+
+
+def encode_sft_record(record: Mapping[str, Any], tokenizer, index: int = 0, *, add_bos: bool = False,
+                      add_eos: bool = True) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of one SFT record, before the over-length policy."""
+    prompt, response = sft_parts(record, index)
+    if prompt is None:  # {"text"}: the first token is the context, the rest are targets
+        ids = encode_text(tokenizer, response, add_bos=add_bos, add_eos=add_eos)
+        if len(ids) < 2:
+            raise ValueError(f"record {index}: 'text' encodes to {len(ids)} token(s); language modelling "
+                             "needs at least 2 (the first has nothing to predict it).")
+        return ids[:1], ids[1:]
+    p = encode_text(tokenizer, render_prompt(tokenizer, prompt), add_bos=add_bos)
+    r = encode_text(tokenizer, response, add_eos=add_eos)
+    if not p:
+        raise ValueError(f"record {index}: prompt encodes to 0 tokens, so the first response token "
+                         "has no context; pass add_bos=True or a non-empty prompt.")
+    if not r:
+        raise ValueError(f"record {index}: response encodes to 0 tokens; nothing to learn.")
+    return p, r
 
 
 def tokenize_sft(records: Sequence[Mapping[str, Any]], tokenizer, *, max_len: int,
@@ -123,7 +129,7 @@ def tokenize_sft(records: Sequence[Mapping[str, Any]], tokenizer, *, max_len: in
       max_len: longest example (prompt + response) in tokens.
       overlong: "truncate" (cut the response end; drop if the prompt alone leaves no
         room for a response token), "error", or "drop".
-      add_bos: prepend bos to the prompt.
+      add_bos: prepend bos to the prompt (to the text of a ``{"text"}`` record).
       add_eos: append eos to the response (so the model learns to stop).
 
     Returns:
@@ -133,19 +139,12 @@ def tokenize_sft(records: Sequence[Mapping[str, Any]], tokenizer, *, max_len: in
         raise ValueError(f"overlong={overlong!r}; expected one of {OVERLONG_SFT_POLICIES}.")
     if max_len < 2:
         raise ValueError(f"max_len={max_len}; expected at least 2 (a prompt and a response token).")
-    validate_records(records)
+    check_formats(records, "sft")  # every record's shape, before any tokenizing
     if add_eos:
         eos_id(tokenizer)  # fail early with a clear message
     out, truncated, dropped = [], 0, 0
     for i, rec in enumerate(records):
-        prompt, response = split_sft_record(rec, i)
-        p = encode_text(tokenizer, render_prompt(tokenizer, prompt), add_bos=add_bos)
-        r = encode_text(tokenizer, response, add_eos=add_eos)
-        if not p:
-            raise ValueError(f"record {i}: prompt encodes to 0 tokens, so the first response token "
-                             "has no context; pass add_bos=True or a non-empty prompt.")
-        if not r:
-            raise ValueError(f"record {i}: response encodes to 0 tokens; nothing to learn.")
+        p, r = encode_sft_record(rec, tokenizer, i, add_bos=add_bos, add_eos=add_eos)
         if len(p) + len(r) > max_len:
             if overlong == "error":
                 raise ValueError(

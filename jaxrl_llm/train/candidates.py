@@ -26,8 +26,9 @@ import jax
 import numpy as np
 
 from jaxrl_llm.data.candidates import CandidateStats, filter_candidates
+from jaxrl_llm.data.formats import check_formats, prompt_of
 from jaxrl_llm.data.prompts import OVERLONG_PROMPT_POLICIES, PromptLoader
-from jaxrl_llm.data.records import save_records, validate_records
+from jaxrl_llm.data.records import save_records
 from jaxrl_llm.data.tokenization import decode_ids, eos_id, pad_id
 from jaxrl_llm.parallel.placement import MeshConfig
 from jaxrl_llm.rollout.sampler import apply_stop_strings, generate
@@ -165,7 +166,7 @@ def generate_candidates(
       module docstring), in prompt order; the counts. Written to ``config.output_path``
       when set.
     """
-    validate_records(prompts, required=("prompt",))
+    check_formats(prompts, "prompt")
     placement = make_placement(config.mesh, policy, {"batch_size": config.batch_size})
     model = placed_model(policy, placement)
     pad = pad_id(tokenizer)
@@ -218,7 +219,8 @@ def generate_candidates(
                 empty_prompts += 1
                 continue
             source = prompts[int(batch.indices[row])]
-            record = {**{key: v for key, v in source.items() if key != "prompt"}, "prompt": source["prompt"],
+            prompt, field = prompt_of(source, int(batch.indices[row]))
+            record = {**{key: v for key, v in source.items() if key not in ("prompt", field)}, "prompt": prompt,
                       "responses": [texts[i] for i in idx],
                       "logprobs": [float(token_logp[i, : lengths[i]].sum()) for i in idx],
                       "lengths": [int(lengths[i]) for i in idx],

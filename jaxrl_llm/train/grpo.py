@@ -29,15 +29,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_llm import ops
+from jaxrl_llm.data.formats import check_formats
 from jaxrl_llm.data.prompts import PromptBatch, PromptLoader
-from jaxrl_llm.data.records import validate_records
 from jaxrl_llm.data.tokenization import decode_ids, eos_id, pad_id
 from jaxrl_llm.ops.policy_losses import PPO_TOKEN_MEAN_METRICS
 from jaxrl_llm.parallel.placement import MeshConfig, Placement
 from jaxrl_llm.rollout.sampler import Rollout, generate
 from jaxrl_llm.train.guard import apply_if_finite
-from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
+from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
 from jaxrl_llm.train.microbatch import accumulated_value_and_grad, row_weights
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
 from jaxrl_llm.train.policy import (
@@ -486,7 +486,7 @@ def train(
     Returns:
       TrainResult with the trained model and per-step metrics.
     """
-    validate_records(prompts, required=("prompt",))
+    check_formats(prompts, "prompt")
     scorer = RewardScorer(resolve_reward(reward_fn, config), default=config.reward_default,
                           max_unscored_frac=config.max_unscored_frac)
     n_rows = config.prompts_per_step * config.group_size

@@ -53,8 +53,8 @@ import optax
 from flax import nnx
 
 from jaxrl_llm import ops
+from jaxrl_llm.data.formats import check_formats
 from jaxrl_llm.data.prompts import OVERLONG_PROMPT_POLICIES, PromptBatch, PromptLoader
-from jaxrl_llm.data.records import validate_records
 from jaxrl_llm.data.tokenization import decode_ids, eos_id, pad_id
 from jaxrl_llm.models.heads import ScalarHeadModel, ValueModel
 from jaxrl_llm.ops.policy_losses import PPO_TOKEN_MEAN_METRICS, VALUE_TOKEN_MEAN_METRICS
@@ -62,11 +62,16 @@ from jaxrl_llm.parallel.placement import MeshConfig, Placement
 from jaxrl_llm.parallel.sharding import create_sharded
 from jaxrl_llm.rollout.sampler import Rollout, apply_stop_strings, generate
 from jaxrl_llm.train.guard import apply_if_finite
-from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
+from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
 from jaxrl_llm.train.microbatch import accumulated_value_and_grad, row_weights
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
-from jaxrl_llm.train.policy import make_placement, placed_model, response_logprobs, split_model
+from jaxrl_llm.train.policy import (
+    make_placement,
+    placed_model,
+    response_logprobs,
+    split_model,
+)
 from jaxrl_llm.train.scoring import RewardScorer, resolve_reward, validate_reward_fields
 
 KL_SCHEDULES = ("fixed", "linear", "adaptive")
@@ -656,7 +661,7 @@ def train(
         raise ValueError("PPO needs a reward: pass reward_model and/or reward_fn (or set config.reward_funcs)")
     if config.shared_critic and critic is not None:
         raise ValueError("shared_critic=True uses a value head on the policy; do not pass a critic")
-    validate_records(prompts, required=("prompt",))
+    check_formats(prompts, "prompt")
     # One mesh for all four models; every row count split over it is checked here, so a
     # batch that does not fit fails at start naming its config field.
     placement = make_placement(config.mesh, policy, config.mesh_rows())

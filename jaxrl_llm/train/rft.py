@@ -37,6 +37,7 @@ import numpy as np
 
 from jaxrl_llm import ops
 from jaxrl_llm.data.candidates import CandidateStats, filter_candidates
+from jaxrl_llm.data.formats import check_formats
 from jaxrl_llm.data.prompts import PromptLoader
 from jaxrl_llm.data.records import load_records
 from jaxrl_llm.data.sampler import BatchLoader
@@ -48,7 +49,12 @@ from jaxrl_llm.rollout.sampler import Rollout, generate
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
 from jaxrl_llm.train.policy import as_model, make_placement, placed_model, split_model
-from jaxrl_llm.train.scoring import RewardScorer, resolve_reward, reward_inputs, validate_reward_fields
+from jaxrl_llm.train.scoring import (
+    RewardScorer,
+    resolve_reward,
+    reward_inputs,
+    validate_reward_fields,
+)
 from jaxrl_llm.train.sft import batch_arrays, make_sft_update
 
 logger = logging.getLogger(__name__)
@@ -372,7 +378,8 @@ def train(
       sampling metrics (``sample_reward_mean``, ``sample_accuracy``, ``best_of_k_reward``,
       ``kept_reward_mean``, ``kept_fraction``, candidate filter counts).
     """
-    records = load_records(prompts, required=("prompt",))
+    records = load_records(prompts, required=())
+    check_formats(records, "prompt")
     placement = make_placement(config.mesh, policy, {"sampling_batch_size": config.sampling_batch_size,
                                                      "batch_size": config.batch_size})
     model = placed_model(policy, placement)
@@ -485,7 +492,8 @@ def best_of_n_curve(
     if not ns or ns[0] < 1:
         raise ValueError(f"ns must be positive ints, got {ns}")
     m = ns[-1]
-    records = load_records(prompts, required=("prompt",))
+    records = load_records(prompts, required=())
+    check_formats(records, "prompt")
     model = as_model(model)
     loader = PromptLoader(records, tokenizer, min(batch_size, len(records)), shuffle=False, drop_last=False,
                           num_epochs=1, max_prompt_len=max_prompt_len, padding_side="right", bucket="max")

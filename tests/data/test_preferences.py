@@ -166,7 +166,7 @@ def test_preference_overlong_policies(char_tokenizer):
     assert [len(r) for r in ex[0].response_ids] == [6, 2]  # "r" + eos untouched
     with pytest.raises(ValueError, match="every preference record was dropped"):
         tokenize_preferences(records[1:], char_tokenizer, max_len=8, overlong="drop")
-    with pytest.raises(ValueError, match="record 0 is missing field 'rejected'"):
+    with pytest.raises(ValueError, match=r"record 0 has fields \['chosen', 'prompt'\] \(missing field 'rejected'\)"):
         tokenize_preferences([{"prompt": "p", "chosen": "c"}], char_tokenizer, max_len=8)
 
 

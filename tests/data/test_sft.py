@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxrl_llm.data.sft import SFTLoader, collate_sft, pack_examples, split_sft_record, tokenize_sft
+from jaxrl_llm.data.sft import (
+    SFTLoader,
+    collate_sft,
+    pack_examples,
+    split_sft_record,
+    tokenize_sft,
+)
 from jaxrl_llm.data.tokenization import decode_ids, render_prompt
 
 
@@ -71,7 +77,7 @@ def test_truncation_policies(char_tokenizer):
 
 
 def test_bad_records(char_tokenizer):
-    with pytest.raises(ValueError, match="record 0 needs 'prompt' and 'response'.*missing 'response'"):
+    with pytest.raises(ValueError, match=r"record 0 has fields \['prompt'\] \('prompt' without 'completion' or 'response'\)"):
         tokenize_sft([{"prompt": "a"}], char_tokenizer, max_len=10)
     with pytest.raises(ValueError, match="no assistant turn"):
         tokenize_sft([{"messages": [{"role": "user", "content": "a"}]}], char_tokenizer, max_len=10)

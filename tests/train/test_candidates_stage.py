@@ -76,7 +76,7 @@ def test_greedy_duplicates_and_stop_strings(policy):
 def test_bad_inputs(policy):
     tok = CharTokenizer()
     config = CandidateConfig(num_candidates=2, batch_size=4, max_prompt_len=8, max_new_tokens=4)
-    with pytest.raises(ValueError, match=r"record 1 is missing required field 'prompt'"):
+    with pytest.raises(ValueError, match=r"RL prompt records must be one of: \{prompt\} \| \{messages\}; record 1 has fields"):
         generate_candidates(config, policy=policy, tokenizer=tok, prompts=[{"prompt": "a"}, {"text": "b"}])
     with pytest.raises(ValueError, match="0 tokens"):
         generate_candidates(config, policy=policy, tokenizer=tok, prompts=[{"prompt": ""}])

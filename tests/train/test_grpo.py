@@ -283,7 +283,7 @@ def test_bad_inputs(tmp_path, char_setup):
     config = _run_config(tmp_path, "grpo")
     with pytest.raises(ValueError, match="dataset is empty"):
         train(config, policy=model, tokenizer=tok, prompts=[], reward_fn=lambda p, c, **k: [0.0] * len(c))
-    with pytest.raises(ValueError, match=r"record 1 is missing required field 'prompt'"):
+    with pytest.raises(ValueError, match=r"RL prompt records must be one of: \{prompt\} \| \{messages\}; record 1 has fields"):
         train(config, policy=model, tokenizer=tok, prompts=[{"prompt": "1+1="}, {"question": "x"}], reward_fn=lambda p, c, **k: [0.0] * len(c))
     with pytest.raises(ValueError, match="max_prompt_len"):
         train(config, policy=model, tokenizer=tok, prompts=[{"prompt": "123456789+1="}], reward_fn=lambda p, c, **k: [0.0] * len(c))

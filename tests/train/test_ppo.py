@@ -362,7 +362,7 @@ def test_bad_inputs(tmp_path):
     common = dict(policy=tiny_policy(), tokenizer=tok, reward_fn=count_reward)
     with pytest.raises(ValueError, match="dataset is empty"):
         train(config, prompts=[], **common)
-    with pytest.raises(ValueError, match=r"record 1 is missing required field 'prompt'"):
+    with pytest.raises(ValueError, match=r"RL prompt records must be one of: \{prompt\} \| \{messages\}; record 1 has fields"):
         train(config, prompts=[{"prompt": "a"}, {"question": "b"}], **common)
     with pytest.raises(ValueError, match="0 tokens"):
         train(config, prompts=[{"prompt": ""}] * 4, **common)
