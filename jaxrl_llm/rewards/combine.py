@@ -41,10 +41,14 @@ class CombinedReward:
     Attributes:
       components: tuple of (name, fn, weight).
       none_value: value substituted for a component's None, or None to propagate.
+      skip_none: leave a component's None out of the sum instead (TRL's rule: that
+        function does not apply to the sample); the sample is None only when every
+        component is None.
       last_components: after a call, {name: list of that component's raw rewards}.
     """
 
-    def __init__(self, components: Sequence[tuple[RewardFn, float]], none_value: float | None = None):
+    def __init__(self, components: Sequence[tuple[RewardFn, float]], none_value: float | None = None,
+                 skip_none: bool = False):
         if not components:
             raise ValueError("components must be a non-empty sequence of (reward_fn, weight) pairs")
         named, seen = [], collections.Counter()
@@ -61,27 +65,32 @@ class CombinedReward:
         if none_value is not None and not math.isfinite(none_value):
             raise ValueError(f"none_value must be None or a finite number, got {none_value!r}")
         self.components = tuple(named)
+        if skip_none and none_value is not None:
+            raise ValueError("give none_value or skip_none=True, not both")
         self.none_value = none_value
+        self.skip_none = skip_none
         self.last_components: dict[str, list[float | None]] = {}
         self.__name__ = "combined(" + ",".join(n for n, _, _ in named) + ")"
 
     def __call__(self, prompts: Sequence[str], completions: Sequence, **columns) -> list[float | None]:
         """Σ_k w_k · r_k(sample) per sample; None if some r_k is None and none_value is None."""
         n = len(completions)
-        totals: list[float | None] = [0.0] * n
+        totals: list[float | None] = [None if self.skip_none else 0.0] * n
+        failed = [False] * n
         self.last_components = {}
         for name, fn, weight in self.components:
             values = _check_output(name, fn(prompts, completions, **columns), n)
             self.last_components[name] = values
             for i, value in enumerate(values):
                 if value is None:
+                    if self.skip_none:
+                        continue
                     if self.none_value is None:
-                        totals[i] = None
+                        failed[i] = True
                         continue
                     value = self.none_value
-                if totals[i] is not None:
-                    totals[i] += weight * float(value)
-        return totals
+                totals[i] = (totals[i] or 0.0) + weight * float(value)
+        return [None if f else t for f, t in zip(failed, totals)]
 
     def component_means(self, prefix: str = "reward/") -> dict[str, float]:
         """Mean of each component's scored (non-None) values in the last call, for logging."""
@@ -96,6 +105,7 @@ def combine_rewards(
     components: Sequence[tuple[RewardFn, float]],
     *,
     none_value: float | None = None,
+    skip_none: bool = False,
 ) -> CombinedReward:
     """A reward function returning the weighted sum Σ_k w_k · r_k of its components.
 
@@ -107,12 +117,13 @@ def combine_rewards(
     Args:
       components: non-empty sequence of (reward_fn, weight) pairs, weights finite.
       none_value: None to propagate None, or a finite float to substitute.
+      skip_none: leave None out of the sum (TRL's rule); None only where all are None.
 
     Returns:
       A ``CombinedReward`` (callable; ``last_components`` / ``component_means()`` give
       per-component values for logging).
     """
-    return CombinedReward(components, none_value=none_value)
+    return CombinedReward(components, none_value=none_value, skip_none=skip_none)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -92,8 +92,8 @@ def build_reward(
 
     Returns:
       The function itself (one function, no weights), else a ``CombinedReward`` computing
-      Σ_k w_k · r_k, None where any r_k is None (a sample one component cannot score is
-      not scored).
+      Σ_k w_k · r_k over the functions that score the sample (TRL's rule: a None means
+      the function does not apply; the sample is None only when none applies).
     """
     funcs = [reward_funcs] if callable(reward_funcs) or isinstance(reward_funcs, str) else list(reward_funcs)
     if not funcs:
@@ -103,11 +103,11 @@ def build_reward(
         if not callable(f):
             raise ValueError(f"reward_funcs must hold functions or spec strings, got {f!r}")
     if reward_weights is None:
-        return funcs[0] if len(funcs) == 1 else combine_rewards([(f, 1.0) for f in funcs])
+        return funcs[0] if len(funcs) == 1 else combine_rewards([(f, 1.0) for f in funcs], skip_none=True)
     weights = list(reward_weights)
     if len(weights) != len(funcs):
         raise ValueError(f"reward_weights has {len(weights)} values for {len(funcs)} reward functions; "
                          "give one weight per function")
     if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
         raise ValueError(f"reward_weights must be finite numbers, got {weights}")
-    return combine_rewards(list(zip(funcs, map(float, weights))))
+    return combine_rewards(list(zip(funcs, map(float, weights))), skip_none=True)

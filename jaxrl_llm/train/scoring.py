@@ -9,7 +9,8 @@ Every RL trainer (GRPO family, PPO, RFT) scores a rollout the same way:
 - each function is wrapped by ``safe_reward_fn``: an exception or NaN costs only the
   failing samples their score (a weighted list of functions is wrapped per function, so
   a failure names the function that failed);
-- a sample is *unscored* when a function failed on it or returned None. More than
+- a sample is *unscored* when a function failed on it, or when it got no score (None;
+  in a weighted list a None only leaves that function out of the sum). More than
   ``max_unscored_frac`` unscored samples in one scoring call stops training with
   ``RewardHealthError`` (naming the function, the columns it received and its first
   error): a reward that cannot score the data trains on nothing, silently. A lower rate
@@ -87,7 +88,7 @@ class RewardScorer:
         if isinstance(reward_fn, CombinedReward):
             self.parts = [safe_reward_fn(fn, default=default) for _, fn, _ in reward_fn.components]
             self.fn = combine_rewards([(p, w) for p, (_, _, w) in zip(self.parts, reward_fn.components)],
-                                      none_value=reward_fn.none_value)
+                                      none_value=reward_fn.none_value, skip_none=reward_fn.skip_none)
         else:
             self.fn = safe_reward_fn(reward_fn, default=default)
             self.parts = [self.fn]
@@ -116,13 +117,12 @@ class RewardScorer:
         return scores
 
     def _unscored(self, raw: list) -> np.ndarray:
-        """[N] bool: some function failed on the sample or returned None."""
+        """[N] bool: the reward is None, or some function failed on the sample (a failing
+        component counts even where the others still give a sum: it must not vanish
+        from the reward in silence)."""
         out = np.array([r is None for r in raw])
         for part in self.parts:
             out[part.failed_indices] = True
-        if isinstance(self.fn, CombinedReward):
-            for values in self.fn.last_components.values():
-                out |= np.array([v is None for v in values])
         return out
 
     def _check_health(self, unscored: int, n: int, columns: list[str]) -> None:

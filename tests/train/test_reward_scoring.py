@@ -140,6 +140,21 @@ def test_weighted_rewards_sum_and_log_each_component():
     assert metrics["reward/length"] == pytest.approx(1.25)
 
 
+def test_a_none_leaves_only_that_function_out_of_the_sum_as_in_trl():
+    def only_even(prompts, completions, **columns):
+        return [1.0 if i % 2 == 0 else None for i in range(len(completions))]
+
+    def never(prompts, completions, **columns):
+        return [None] * len(completions)
+
+    reward = build_reward([only_even, arithmetic_reward, never], [10.0, 1.0, 5.0])
+    assert reward(["q"] * 4, ["2", "2", "3", "3"], answer=["2", "2", "2", None]) == [11.0, 1.0, 10.0, None]
+    scorer = RewardScorer(reward, max_unscored_frac=0.5)
+    scores = scorer(["q", "q"], ["2", "2", "3", "3"], {"answer": ["2", None]}, repeats=2)
+    np.testing.assert_array_equal(scores, [11.0, 1.0, 10.0, np.nan])
+    assert scorer.step_metrics()["reward_unscored_frac"] == 0.25
+
+
 def test_build_reward_validates_weights_and_passes_a_single_function_through():
     assert build_reward(arithmetic_reward) is arithmetic_reward
     assert build_reward(["math"]) is math_accuracy_reward

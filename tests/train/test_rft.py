@@ -123,20 +123,25 @@ def test_interrupted_mid_iteration_and_resumed_equals_uninterrupted(tmp_path, mo
 
 
 @pytest.mark.slow
-def test_rft_raises_arithmetic_accuracy(tmp_path):
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rft_raises_arithmetic_accuracy(tmp_path, seed):
+    """Measured gains of pass@1 on held-out sums (60 RFT steps): 0.125, 0.191, 0.123
+    (seeds 0-2, AVX-512) and 0.148, 0.152, 0.209 (seeds 0, 1, 3, --xla_cpu_max_isa=AVX2);
+    each seed must gain 0.06, half the smallest."""
     tok = CharTokenizer()
     train_set = make_arithmetic_dataset(256, 0, max_operand=9, ops="+")
     test_set = make_arithmetic_dataset(64, 1, max_operand=9, ops="+")
     reward = make_arithmetic_reward(end_marker=None)  # the completion (eos stripped) must be the answer
     # warm start: a short SFT gives a policy that is right some of the time
     warm = sft.train(
-        sft.SFTConfig(run=RunConfig(output_dir=str(tmp_path / "sft"), total_steps=200, progress=False),
+        sft.SFTConfig(run=RunConfig(output_dir=str(tmp_path / "sft"), total_steps=200, progress=False, seed=seed),
                       optim=OptimConfig(learning_rate=3e-3), batch_size=16, max_len=12, pack=False),
-        policy=_model(), tokenizer=tok, examples=[{"prompt": d["prompt"], "response": d["answer"]} for d in train_set],
+        policy=_model(seed), tokenizer=tok,
+        examples=[{"prompt": d["prompt"], "response": d["answer"]} for d in train_set],
     ).model
     sampling = dict(max_new_tokens=4, max_prompt_len=8, batch_size=64)
     before = best_of_n_curve(warm, tok, test_set, reward, ns=(1, 4, 8), seed=1, **sampling)
-    config = RFTConfig(run=RunConfig(output_dir=str(tmp_path / "rft"), total_steps=30, progress=False),
+    config = RFTConfig(run=RunConfig(output_dir=str(tmp_path / "rft"), total_steps=60, progress=False, seed=seed),
                        optim=OptimConfig(learning_rate=1e-3), prompts_per_iteration=64, samples_per_prompt=8,
                        sampling_batch_size=32, steps_per_iteration=10, batch_size=16, max_prompt_len=8,
                        max_new_tokens=4, reward_threshold=0.5)
@@ -148,5 +153,5 @@ def test_rft_raises_arithmetic_accuracy(tmp_path):
     assert before[1] < before[4] <= before[8]  # more samples, better best
     assert all(r["kept_reward_mean"] == 1.0 for r in per_iter.values())  # only correct answers kept
     assert all(0 < r["kept_fraction"] <= 1 / 8 for r in per_iter.values())  # at most best-of-8
-    assert after[1] >= before[1] + 0.05
-    assert per_iter[2]["sample_accuracy"] > per_iter[0]["sample_accuracy"]
+    assert after[1] >= before[1] + 0.06
+    assert per_iter[5]["sample_accuracy"] > per_iter[0]["sample_accuracy"]
