@@ -163,7 +163,7 @@ def evaluate(model, reference, rm, prompts: list[dict], num_samples: int, seed: 
 
 def train_sft(seed: int, steps: int, train_prompts: list[dict], out: Path) -> CausalLM:
     model = CausalLM(tiny_config("llama", **MODEL), rngs=nnx.Rngs(seed))
-    config = sft.SFTConfig(run=RunConfig(output_dir=str(out / "sft"), total_steps=steps, seed=seed, progress=False,
+    config = sft.SFTConfig(run=RunConfig(output_dir=str(out / "sft"), total_steps=steps, seed=seed, progress=False, overwrite=True,
                                          export_hf=False),
                            optim=OptimConfig(learning_rate=3e-3, warmup_steps=10), batch_size=32,
                            max_len=MAX_LEN)
@@ -188,7 +188,7 @@ def make_preferences(policy, prompts: list[dict], pairs_per_prompt: int, seed: i
 
 def train_rm(policy, preferences: list[dict], eval_preferences: list[dict], seed: int, steps: int, out: Path):
     config = reward_model.RewardConfig(
-        run=RunConfig(output_dir=str(out / "reward_model"), total_steps=steps, seed=seed, progress=False,
+        run=RunConfig(output_dir=str(out / "reward_model"), total_steps=steps, seed=seed, progress=False, overwrite=True,
                       export_hf=False),
         optim=OptimConfig(learning_rate=3e-3, warmup_steps=10), batch_size=32, max_len=MAX_LEN,
         save_hf=False)
@@ -222,7 +222,8 @@ class GoldRecorder:
 
 def ppo_config(out: Path, name: str, seed: int, steps: int, **kl) -> ppo.PPOConfig:
     return ppo.PPOConfig(
-        run=RunConfig(output_dir=str(out / name), total_steps=steps, seed=seed, progress=False, export_hf=False),
+        run=RunConfig(output_dir=str(out / name), total_steps=steps, seed=seed, progress=False, export_hf=False,
+                      overwrite=True),
         optim=OptimConfig(learning_rate=3e-3), prompts_per_step=8, samples_per_prompt=4, max_prompt_len=PROMPT_LEN,
         max_new_tokens=MAX_NEW_TOKENS, ppo_epochs=2, minibatches=2, **kl)
 
@@ -238,7 +239,7 @@ def run_ppo(config: ppo.PPOConfig, policy, rm, train_prompts: list[dict]):
 
 def run_dpo(beta: float, policy, preferences: list[dict], seed: int, steps: int, out: Path):
     config = dpo.DPOConfig(
-        run=RunConfig(output_dir=str(out / f"dpo_beta{beta}"), total_steps=steps, seed=seed, progress=False,
+        run=RunConfig(output_dir=str(out / f"dpo_beta{beta}"), total_steps=steps, seed=seed, progress=False, overwrite=True,
                       export_hf=False),
         optim=OptimConfig(learning_rate=1e-3), beta=beta, batch_size=16, max_len=MAX_LEN)
     return dpo.train(config, policy=policy, tokenizer=TOKENIZER, preferences=preferences).model

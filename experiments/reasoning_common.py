@@ -103,9 +103,11 @@ def warm_start(seed: int, *, sft_steps: int = 150, family: str = "llama", filler
     train_records, _ = make_task(seed)
     model = CausalLM(tiny_config(family, **model_kw), rngs=nnx.Rngs(seed))
     config = sft.SFTConfig(
-        run=RunConfig(output_dir=str(path) + ".run", total_steps=sft_steps, seed=seed, progress=False),
+        run=RunConfig(output_dir=f"{path}.run{os.getpid()}", total_steps=sft_steps, seed=seed, progress=False,
+                      overwrite=True),
         optim=OptimConfig(learning_rate=3e-3, warmup_steps=10), batch_size=32, max_len=24)
     model = sft.train(config, policy=model, tokenizer=TOKENIZER, examples=_sft_examples(train_records, seed, filler_max)).model
+    shutil.rmtree(config.run.output_dir, ignore_errors=True)  # only the exported model is cached
     tmp = Path(str(path) + f".tmp{os.getpid()}")
     save_hf(model, str(tmp))
     if path.exists():  # another process cached the same warm start meanwhile
@@ -177,7 +179,7 @@ def base_config(preset: str, *, steps: int, seed: int, out_dir: str, max_new_tok
                 **overrides) -> grpo.GRPOConfig:
     """The shared RL budget: 16 prompts × 8 samples per step, AdamW at LEARNING_RATE."""
     fields = dict(
-        run=RunConfig(output_dir=out_dir, total_steps=steps, seed=seed, progress=False),
+        run=RunConfig(output_dir=out_dir, total_steps=steps, seed=seed, progress=False, overwrite=True),
         optim=OptimConfig(learning_rate=LEARNING_RATE), prompts_per_step=16, group_size=8, max_prompt_len=PROMPT_LEN,
         max_new_tokens=max_new_tokens, temperature=1.0)
     fields.update(overrides)

@@ -182,7 +182,8 @@ def part_a(rng: np.random.Generator, num_episodes: int, writer: ExperimentWriter
 
 def ppo_config(placement: str, seed: int, steps: int, out_dir: Path) -> PPOConfig:
     return PPOConfig(
-        run=RunConfig(output_dir=str(out_dir / f"{placement}_s{seed}"), total_steps=steps, seed=seed, progress=False),
+        run=RunConfig(output_dir=str(out_dir / f"{placement}_s{seed}"), total_steps=steps, seed=seed, progress=False,
+                      overwrite=True),
         optim=OptimConfig(learning_rate=5e-3), prompts_per_step=16, samples_per_prompt=2, max_prompt_len=PROMPT_LEN,
         max_new_tokens=MAX_NEW_TOKENS, ppo_epochs=2, minibatches=2, kl_coef=BETA_B, lam=LAM_B,
         kl_reward_placement=placement)

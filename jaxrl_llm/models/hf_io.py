@@ -5,9 +5,11 @@
 `ScalarHeadModel`), streaming one tensor at a time with `safetensors.safe_open`: the
 model is built abstractly (`nnx.eval_shape`) and each tensor is converted on the host and
 placed on device before the next is read, so a checkpoint never needs two host copies.
-`save_hf(model, path)` writes the same format (optionally sharded), loadable by
-`transformers.AutoModelForCausalLM.from_pretrained` (or
-`AutoModelForSequenceClassification` for reward models). `load_tokenizer(path)` wraps
+`save_hf(model, path, tokenizer=...)` writes the same format (optionally sharded),
+loadable by `transformers.AutoModelForCausalLM.from_pretrained` (or
+`AutoModelForSequenceClassification` for reward models), plus generation_config.json and,
+given the tokenizer (HF or `CharTokenizer`), its files and chat template, so the folder is
+all `from_pretrained` / vLLM need. `load_tokenizer(path)` wraps
 `AutoTokenizer.from_pretrained` on a local path.
 
 HF stores linear weights as [out, in]; ours are [in, ...out] with heads split:
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -37,7 +40,10 @@ from jaxrl_llm.models.heads import ScalarHeadModel
 from jaxrl_llm.models.transformer import CausalLM
 from jaxrl_llm.parallel.placement import host_array
 
+logger = logging.getLogger(__name__)
+
 KINDS = ("causal_lm", "reward", "value")
+_TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _SEQ_CLS_ARCH = {
     "llama": "LlamaForSequenceClassification",
@@ -456,8 +462,10 @@ def save_hf(
     *,
     max_shard_bytes: int = 5 * 2**30,
     dtype: Any = None,
+    tokenizer: Any = None,
 ) -> None:
-    """Writes `model` as a HF checkpoint directory (config.json + safetensors).
+    """Writes `model` as a HF checkpoint directory (config.json + safetensors, and for a
+    causal LM generation_config.json).
 
     Args:
       model: a CausalLM (→ *ForCausalLM) or ScalarHeadModel (→ *ForSequenceClassification,
@@ -466,6 +474,9 @@ def save_hf(
       max_shard_bytes: above this total size, tensors are split into
         model-0000i-of-0000n.safetensors files plus model.safetensors.index.json.
       dtype: dtype of saved tensors (default: the parameter dtype).
+      tokenizer: the model's tokenizer (HF tokenizer or `CharTokenizer`), saved alongside
+        (`save_tokenizer`); its bos/eos/pad ids fill those config.json leaves unset and go
+        into generation_config.json (`generation_config`).
 
     Multi-process (``jax.distributed``): every process must call it (each tensor is
     all-gathered, one at a time); only process 0 writes files.
@@ -484,9 +495,20 @@ def save_hf(
     first_param = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
     out_dtype = np.dtype(jnp.dtype(dtype or first_param.dtype))
     hf_config["dtype"] = str(jnp.dtype(out_dtype))
+    if tokenizer is not None:
+        for name, value in zip(_TOKEN_ID_FIELDS, _tokenizer_ids(tokenizer)):
+            if hf_config.get(name) is None and value is not None:
+                hf_config[name] = value
     if writer:
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
+        if kind == "causal_lm":
+            gen = generation_config(config, tokenizer)
+            if gen is not None:
+                with open(os.path.join(path, "generation_config.json"), "w") as f:
+                    json.dump(gen, f, indent=2)
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, path)
 
     # group tensors into shards of at most max_shard_bytes.
     specs = _tensor_specs(config, kind)
@@ -526,6 +548,62 @@ def save_hf(
         total = sum(int(np.prod(s.hf_shape)) * out_dtype.itemsize for s in specs)
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def _tokenizer_ids(tokenizer: Any) -> tuple[Any, Any, Any]:
+    """(bos, eos, pad) ids of a HF tokenizer or CharTokenizer (None where it has none)."""
+    return tuple(getattr(tokenizer, name, None) for name in _TOKEN_ID_FIELDS)
+
+
+def _id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def generation_config(config: ModelConfig, tokenizer: Any = None) -> dict[str, Any] | None:
+    """The generation_config.json of an export: bos / eos / pad ids (greedy decoding and
+    the other transformers defaults otherwise), as `transformers.GenerationConfig` writes it.
+
+    eos: the tokenizer's eos first, then the model config's (a chat model may end turns
+    with one token and documents with another: generation stops at any). bos: the
+    tokenizer's, else the config's. pad: the tokenizer's, else the config's, else the first
+    eos (what transformers' generate falls back to anyway, without its warning).
+    None when no id is known at all.
+    """
+    bos, eos, pad = _tokenizer_ids(tokenizer) if tokenizer is not None else (None, None, None)
+    eos_ids = list(dict.fromkeys(_id_list(eos) + _id_list(config.eos_token_id)))
+    bos = bos if bos is not None else config.bos_token_id
+    pad = pad if pad is not None else config.pad_token_id
+    if pad is None and eos_ids:
+        pad = eos_ids[0]
+    if bos is None and not eos_ids and pad is None:
+        return None
+    ids = {
+        "bos_token_id": None if bos is None else int(bos),
+        "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else (eos_ids or None),
+        "pad_token_id": None if pad is None else int(pad),
+    }
+    try:
+        from transformers import GenerationConfig
+
+        return GenerationConfig(**ids).to_diff_dict()
+    except ImportError:  # transformers is a dependency; stay writable without it
+        return {k: v for k, v in ids.items() if v is not None}
+
+
+def save_tokenizer(tokenizer: Any, path: str | os.PathLike) -> None:
+    """Writes `tokenizer`'s files (tokenizer.json, tokenizer_config.json, chat template,
+    ...) into `path` with its `save_pretrained` (HF tokenizers and `CharTokenizer` have
+    one); a tokenizer without it is skipped with a warning, the weights being saved."""
+    save = getattr(tokenizer, "save_pretrained", None)
+    if save is None:
+        logger.warning(
+            "%s has no save_pretrained: %s holds no tokenizer files; save them there yourself",
+            type(tokenizer).__name__, path,
+        )
+        return
+    save(str(path))
 
 
 def load_tokenizer(path: str):

@@ -5,6 +5,13 @@ Ids 0..255 are the UTF-8 bytes; then pad (256), bos (257), eos (258); vocab_size
 the trainers use: `encode`, `decode`, `batch_decode`, `__call__` (batch encode with
 padding, returns numpy `input_ids` / `attention_mask`), `apply_chat_template` (a plain
 "<|role|>\\ncontent\\n" format), `pad_token_id`, `bos_token_id`, `eos_token_id`.
+
+`to_hf()` / `save_pretrained(path)` give the same tokenizer as a Hugging Face one
+(tokenizer.json + tokenizer_config.json + chat template): `AutoTokenizer.from_pretrained`
+of the folder encodes and decodes the same ids. Differences: HF's
+`add_special_tokens=True` (its default) adds nothing, as CharTokenizer's default does
+(CharTokenizer's explicit `add_special_tokens=True` adds bos and eos); HF's `decode`
+returns text for any id, CharTokenizer's raises on ids outside the vocabulary.
 """
 
 from __future__ import annotations
@@ -14,6 +21,26 @@ from collections.abc import Sequence
 import numpy as np
 
 PADDING_SIDES = ("right", "left")
+
+# The chat format of `CharTokenizer.apply_chat_template` as a Jinja chat template (HF).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte → printable character map, the alphabet of the `tokenizers`
+    ByteLevel pre-tokenizer and decoder."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = printable[:]
+    shifted = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + shifted)
+            shifted += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
 
 
 class CharTokenizer:
@@ -141,3 +168,57 @@ class CharTokenizer:
             parts.append("<|assistant|>\n")
         text = "".join(parts)
         return self.encode(text) if tokenize else text
+
+    def to_hf(self):
+        """The same tokenizer as a `transformers.PreTrainedTokenizerFast`: byte-level with
+        no merges (byte b → id b), pad/bos/eos added as special tokens with ids 256-258,
+        the chat template of `apply_chat_template`. `split_special_tokens=True`: text
+        such as "<eos>" encodes as its bytes, as here (special ids come only from
+        add_bos / add_eos or the ids themselves)."""
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        byte_chars = _bytes_to_unicode()
+        backend = Tokenizer(models.BPE(vocab={byte_chars[b]: b for b in range(self.num_bytes)}, merges=[]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens(
+            [AddedToken(self._special[i], special=True, normalized=False) for i in sorted(self._special)]
+        )
+        # pad / bos / eos roles for the ids this tokenizer has (a subclass may drop pad).
+        roles = {
+            role: self._special[token_id]
+            for role, token_id in (("pad", self.pad_token_id), ("bos", self.bos_token_id), ("eos", self.eos_token_id))
+            if token_id is not None
+        }
+        hf = PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            **{f"{role}_token": token for role, token in roles.items()},
+            padding_side=self.padding_side,
+            split_special_tokens=True,
+            clean_up_tokenization_spaces=False,  # decode must give the bytes back unchanged
+        )
+        hf.chat_template = CHAT_TEMPLATE
+        for role in ("pad", "bos", "eos"):
+            if getattr(hf, f"{role}_token_id") != getattr(self, f"{role}_token_id"):
+                raise AssertionError(f"internal: the HF {role} id differs from CharTokenizer's")
+        if len(hf) != self.vocab_size:
+            raise AssertionError(f"internal: HF vocabulary size {len(hf)} != {self.vocab_size}")
+        return hf
+
+    def save_pretrained(self, path) -> list[str]:
+        """Writes the Hugging Face form (`to_hf`) to `path`: tokenizer.json,
+        tokenizer_config.json and the chat template, loadable with
+        `AutoTokenizer.from_pretrained(path)`. Returns the written files."""
+        import json
+        import os
+
+        files = list(self.to_hf().save_pretrained(str(path)))
+        config_path = os.path.join(str(path), "tokenizer_config.json")
+        with open(config_path) as f:
+            config = json.load(f)
+        # The class every transformers version has (4.x has no TokenizersBackend).
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        with open(config_path, "w") as f:
+            json.dump(config, f, indent=2)
+        return files

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrl_llm import ops
+from jaxrl_llm.data.formats import check_formats
 from jaxrl_llm.data.padding import check_bucket
 from jaxrl_llm.data.preferences import (
     OVERLONG_PREFERENCE_POLICIES,
@@ -217,7 +218,8 @@ def make_preference_loader(
     Returns:
       (PreferenceLoader, PreferenceDataStats).
     """
-    records = load_records(preferences, required=("prompt",))
+    records = load_records(preferences, required=())
+    check_formats(records, "preference")
     oriented, ties, swapped = _orient_pairs(records)
     if not oriented:
         raise ValueError(f"no preference pairs left: all {len(records)} records are ties (label 0.5)")
@@ -531,7 +533,7 @@ def train(
                                         + np.asarray(batch.rejected_attention_mask).sum()) / max(time.perf_counter() - t0, 1e-9)
         loop.end_step(step, state, metrics, finite=bool(finite), meta={"loader": batches.state_dict()})
     final = apply_lora(frozen, state["params"], config.lora) if frozen else state["params"]
-    return loop.finish(state, model=split.merge(final))
+    return loop.finish(state, model=split.merge(final), tokenizer=tokenizer)
 
 
 def _load_or_compute_cache(reference: nnx.Module, loader: PreferenceLoader, config: DPOConfig,

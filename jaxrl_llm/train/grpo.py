@@ -663,4 +663,4 @@ def train(
             metrics["kl"] = mean_update.get("kl_loss", 0.0)
         loop.end_step(step, state, metrics, finite=all_finite, meta={"prompt_loader": loader.state_dict()})
 
-    return loop.finish(state, model=split.merge(full_params(state["params"], frozen)))
+    return loop.finish(state, model=split.merge(full_params(state["params"], frozen)), tokenizer=tokenizer)

@@ -16,16 +16,22 @@ a resumed run continues exactly: same parameters, optimizer moments, RNG stream 
 position as the uninterrupted run. Arrays are saved sharded (orbax) and restored into the
 sharding of the initial state, so a run can resume on another mesh.
 
+A run folder belongs to one run. Starting in a folder that holds another run's outputs
+is an error unless ``run.resume=true`` (continue it: the saved config.yaml must match the
+current config except ``RESUMABLE_FIELDS``) or ``run.overwrite=true`` (delete its run
+outputs first — only what a run writes, see ``storage.RUN_OUTPUT_FILES``).
+
 Multi-process runs (``jax.distributed``): every process runs the loop (the checkpoints go
 through orbax's multi-host path, all processes taking part); only process 0 writes
-config.yaml, metrics.jsonl, TensorBoard events and the HF export, and shows progress.
+config.yaml, metrics.jsonl, TensorBoard events and the HF export, clears the folder for
+``run.overwrite``, and shows progress; the others wait for it at a barrier.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
+import logging
 import os
 import signal
 import threading
@@ -33,13 +39,46 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import yaml
 from flax import nnx
 
 from jaxrl_llm.train.checkpoint import Checkpointer, CheckpointMismatchError
-from jaxrl_llm.train.config import save_config
+from jaxrl_llm.train.config import config_to_dict, save_config
 from jaxrl_llm.train.guard import NonFiniteGuard
 from jaxrl_llm.train.metrics import MetricsLogger, read_metrics
-from jaxrl_llm.train.storage import check_free_space, prepare_output_dir, tree_nbytes
+from jaxrl_llm.train.storage import (
+    check_clearable,
+    check_free_space,
+    clear_run_outputs,
+    describe_run_outputs,
+    prepare_output_dir,
+    tree_nbytes,
+)
+
+logger = logging.getLogger(__name__)
+
+# Config fields that may differ between a run and its continuation (run.resume=true): they
+# change how the run is started, watched or saved, or how the same computation is laid out,
+# not what it computes. Any other difference from the saved config.yaml means another run
+# and is an error. A name also covers its sub-fields ("mesh" covers "mesh.data").
+RESUMABLE_FIELDS = (
+    "run.resume",  # how this invocation starts ...
+    "run.overwrite",  # ... not what the run computes
+    "run.output_dir",  # the folder may have been moved or be spelled another way
+    "run.total_steps",  # extend (or shorten) a run; a decaying LR schedule follows the new length
+    "run.checkpoint_every",  # when checkpoints are written ...
+    "run.keep_checkpoints",  # ... and how many are kept
+    "run.progress",  # display only
+    "run.tensorboard",  # logging only
+    "run.max_consecutive_nonfinite",  # when to give up, not what an update does
+    "run.export_hf",  # what is written at the end
+    "save_hf",  # (reward model) what is written at the end
+    "mesh",  # checkpoints restore into any mesh: the same math on another device layout
+    "microbatches",  # memory knob: the same update in smaller forward/backward passes
+    "logprob_chunk_size",  # memory knob: the same log-probs in smaller chunks
+    "eval_every",  # held-out evaluation: reported, never trained on
+    "eval_batch_size",
+)
 
 
 class TrainingInterrupted(RuntimeError):
@@ -56,12 +95,18 @@ class RunConfig:
       seed: seeds parameter init, data order and sampling.
       checkpoint_every: save every N steps (0: only at the end).
       keep_checkpoints: keep the last N checkpoints.
-      resume: continue from the latest checkpoint in output_dir/checkpoints.
+      resume: continue the run in output_dir from its latest checkpoint; its saved
+        config.yaml must match the current config except ``RESUMABLE_FIELDS`` (each other
+        differing field is named in the error).
+      overwrite: delete the run outputs already in output_dir (config.yaml, metrics,
+        checkpoints/, export/, ...; never other files) and start afresh. Without resume or
+        overwrite, an output_dir holding another run's outputs is an error.
       tensorboard: also write TensorBoard scalars.
       progress: show a progress bar.
       max_consecutive_nonfinite: stop with an error after this many skipped updates in a row.
       export_hf: at the end, write the trained model to output_dir/export as a Hugging Face
-        checkpoint (safetensors + config.json) that transformers / vLLM load.
+        checkpoint (safetensors + config.json + generation_config.json, plus the tokenizer
+        files when the trainer passes its tokenizer) that transformers / vLLM load.
     """
 
     output_dir: str = "runs/run"
@@ -70,6 +115,7 @@ class RunConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 3
     resume: bool = False
+    overwrite: bool = False
     tensorboard: bool = False
     progress: bool = True
     max_consecutive_nonfinite: int = 5
@@ -82,6 +128,11 @@ class RunConfig:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.resume and self.overwrite:
+            raise ValueError(
+                "run.resume=true and run.overwrite=true contradict each other: resume continues "
+                f"the run in output_dir={self.output_dir!r}, overwrite deletes it. Set only one."
+            )
 
 
 @dataclasses.dataclass
@@ -108,10 +159,30 @@ class TrainLoop:
         # Fail before any compute when the folder cannot be written (StorageError).
         self.output_dir = prepare_output_dir(run.output_dir)
         config_path = self.output_dir / "config.yaml"
-        # Kept to explain a checkpoint that does not fit the new config (see start()).
-        self._saved_config = config_path.read_text() if run.resume and config_path.exists() else None
+        # Every process checks the folder before any process changes it (the barrier
+        # below), so they all reach the same verdict.
+        self._config_diffs: list[tuple[str, Any, Any]] = []
+        if run.overwrite:
+            check_clearable(self.output_dir)
+        elif run.resume:
+            self._config_diffs = self._check_resumable(config, config_path)
+        else:
+            found = describe_run_outputs(self.output_dir)
+            if found:
+                raise ValueError(
+                    f"run.output_dir={str(self.output_dir)!r} already holds a run's outputs: "
+                    f"{', '.join(found)}. A run folder belongs to one run: continue that run with "
+                    "run.resume=true, replace it with run.overwrite=true (deletes those outputs), "
+                    "or choose a new run.output_dir."
+                )
+        _sync_processes("jaxrl_llm.TrainLoop.checked")
         if self.is_writer:
+            if run.overwrite:
+                kept = clear_run_outputs(self.output_dir)
+                if kept:
+                    logger.info("run.overwrite: cleared %s; kept other files %s", self.output_dir, kept)
             save_config(config, config_path)
+        _sync_processes("jaxrl_llm.TrainLoop.ready")
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", max_to_keep=run.keep_checkpoints)
         self.guard = NonFiniteGuard(run.max_consecutive_nonfinite)
         self.history: list[dict] = []
@@ -120,6 +191,30 @@ class TrainLoop:
         self._logger: MetricsLogger | None = None
         self._stop_signal: int | None = None
         self._previous_handlers: dict = {}
+
+    def _check_resumable(self, config: Any, config_path: Path) -> list[tuple[str, Any, Any]]:
+        """The config differences from the saved config.yaml (the run being resumed);
+        raises ValueError naming every one outside ``RESUMABLE_FIELDS``."""
+        if not config_path.is_file() or not config_path.read_text().strip():
+            return []  # nothing saved yet: nothing to contradict
+        try:
+            saved = yaml.safe_load(config_path.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"{config_path} (the config of the run to resume) is not valid YAML: {err}") from err
+        if not isinstance(saved, dict):  # a damaged file, not a wrong argument type
+            raise ValueError(f"{config_path} (the config of the run to resume) is not a mapping")  # noqa: TRY004
+        diffs = config_differences(saved, config)
+        refused = [d for d in diffs if not is_resumable_field(d[0])]
+        if refused:
+            lines = "\n  ".join(f"{name}: saved {_show(old)}, now {_show(new)}" for name, old, new in refused)
+            raise ValueError(
+                f"run.resume=true, but the config differs from the one of the run in {self.output_dir} "
+                f"({config_path.name}) in {len(refused)} field{'s' if len(refused) != 1 else ''}:\n  {lines}\n"
+                "Resuming continues that run, so these must match (fields that may change on resume: "
+                f"{', '.join(RESUMABLE_FIELDS)}). Restore them to resume, or start another run: a new "
+                "run.output_dir, or run.overwrite=true (deletes the old run's outputs)."
+            )
+        return diffs
 
     @property
     def metrics_path(self) -> Path:
@@ -158,19 +253,13 @@ class TrainLoop:
         return state, start
 
     def _config_changes(self) -> str:
-        """The config.yaml lines that differ from the run that wrote the checkpoints."""
-        if self._saved_config is None:
+        """The config fields that differ from the run that wrote the checkpoints (only
+        ``RESUMABLE_FIELDS`` can, see ``__init__``): context for a checkpoint mismatch."""
+        if not self._config_diffs:
             return ""
-        new = (self.output_dir / "config.yaml").read_text().splitlines()
-        diff = difflib.unified_diff(self._saved_config.splitlines(), new, lineterm="", n=0)
-        changed = [
-            line
-            for line in diff
-            if line[:1] in "+-" and line[:3] not in ("+++", "---") and "resume:" not in line
-        ]
-        if not changed:
-            return ""
-        return "\nconfig.yaml changed since the checkpoint was written (- saved, + now):\n  " + "\n  ".join(changed[:20])
+        return "\nconfig fields changed since the checkpoint was written (saved -> now):\n  " + "\n  ".join(
+            f"{name}: {_show(old)} -> {_show(new)}" for name, old, new in self._config_diffs
+        )
 
     def _install_signal_handlers(self) -> None:
         """SIGTERM / SIGINT (pre-emption, Ctrl-C) finish the current step, write a
@@ -224,8 +313,15 @@ class TrainLoop:
     def save(self, completed_steps: int, state: Any) -> None:
         self.checkpointer.save(completed_steps, state, {**self.meta, "guard": self.guard.state_dict()})
 
-    def finish(self, state: Any, model: Any = None) -> TrainResult:
-        """Final checkpoint, closes the logger, returns the TrainResult."""
+    def finish(self, state: Any, model: Any = None, tokenizer: Any = None) -> TrainResult:
+        """Final checkpoint, the HF export (``run.export_hf``, when ``model`` is a model),
+        closes the logger, returns the TrainResult.
+
+        Args:
+          tokenizer: the run's tokenizer (HF or ``CharTokenizer``): written into the export
+            with the weights (tokenizer files, chat template, generation_config.json ids),
+            so ``from_pretrained(output_dir / "export")`` needs nothing else.
+        """
         if self.run.total_steps not in self.checkpointer.all_steps():
             self.save(self.run.total_steps, state)
         self.checkpointer.close()
@@ -233,7 +329,90 @@ class TrainLoop:
         if self.run.export_hf and isinstance(model, nnx.Module) and hasattr(model, "config"):
             from jaxrl_llm.models.hf_io import save_hf
 
-            save_hf(model, self.output_dir / "export")
+            save_hf(model, self.output_dir / "export", tokenizer=tokenizer)
         if self._logger is not None:
             self._logger.close()
         return TrainResult(model=model if model is not None else state, history=self.history, output_dir=self.output_dir)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+_MISSING = object()
+
+
+def _sync_processes(name: str) -> None:
+    """Barrier of all processes of a multi-process run (a no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _plain(value: Any) -> Any:
+    """A config (or field value) as YAML would give it back (tuples → lists, ...)."""
+    return yaml.safe_load(yaml.safe_dump(config_to_dict(value), sort_keys=False))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"run": {"seed": 0}} → {"run.seed": 0}."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _field_default(config: Any, name: str) -> Any:
+    """The default of the dotted field ``name`` of dataclass ``config`` (or _MISSING)."""
+    value: Any = _MISSING
+    cls = type(config)
+    for part in name.split("."):
+        if value is not _MISSING:
+            if not dataclasses.is_dataclass(value) or not hasattr(value, part):
+                return _MISSING
+            value = getattr(value, part)
+            continue
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            return _MISSING
+        field = fields[part]
+        if field.default is not dataclasses.MISSING:
+            value = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            value = field.default_factory()
+        else:
+            return _MISSING
+    return value
+
+
+def is_resumable_field(name: str) -> bool:
+    """Whether the dotted config field ``name`` may change on resume (``RESUMABLE_FIELDS``)."""
+    return any(name == field or name.startswith(field + ".") for field in RESUMABLE_FIELDS)
+
+
+def config_differences(saved: dict, config: Any) -> list[tuple[str, Any, Any]]:
+    """(dotted field, saved value, current value) for every field of ``config`` that
+    differs from the ``saved`` config.yaml mapping; a side missing a field shows it as
+    absent. A field missing from ``saved`` that now has its default is no difference (a
+    field added to the config class since the run was saved)."""
+    old, new = _flatten(saved), _flatten(_plain(config))
+    diffs = []
+    for name in [*old, *(n for n in new if n not in old)]:
+        a, b = old.get(name, _MISSING), new.get(name, _MISSING)
+        if a is not _MISSING and b is not _MISSING and a == b:
+            continue
+        if a is _MISSING and b is not _MISSING:
+            default = _field_default(config, name)
+            if default is not _MISSING and _plain(default) == b:
+                continue
+        diffs.append((name, a, b))
+    return diffs
+
+
+def _show(value: Any) -> str:
+    if value is _MISSING:
+        return "(absent)"
+    return json.dumps(value, default=str)

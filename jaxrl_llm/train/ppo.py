@@ -859,7 +859,7 @@ def train(
 
     # the trained models stay on the mesh, sharded (place: a no-op unless LoRA merged them)
     trained = placement.place(policy_split.merge(full_policy(state["params"]["policy"], frozen)))
-    result = loop.finish(state, model=trained)
+    result = loop.finish(state, model=trained, tokenizer=tokenizer)
     result.critic = (critic_split.merge(state["params"]["critic"]) if critic_split is not None
                      else state["params"]["critic"]["value_head"])
     result.kl_coef = float(state["kl_coef"]) if config.kl_schedule == "adaptive" else config.kl_coef_at(config.run.total_steps - 1)

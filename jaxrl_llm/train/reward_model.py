@@ -41,7 +41,7 @@ from jaxrl_llm.data.preferences import (
     PreferenceBatch,
     PreferenceLoader,
 )
-from jaxrl_llm.data.records import validate_records
+from jaxrl_llm.data.formats import check_formats
 from jaxrl_llm.models.heads import RewardModel, ScalarHeadModel
 from jaxrl_llm.models.transformer import CausalLM
 from jaxrl_llm.parallel.placement import MeshConfig, Placement, forward_rows
@@ -77,7 +77,8 @@ class RewardConfig:
       length_penalty: α; the loss sees r − α·(number of response tokens).
       eval_every: evaluate on held-out pairs every N steps (0: only at the end).
       eval_batch_size: pairs per evaluation forward.
-      save_hf: write output_dir/"reward_model" as a sequence-classification checkpoint.
+      save_hf: write output_dir/"reward_model" as a sequence-classification checkpoint
+        (with the tokenizer's files).
       mesh: device mesh (data × fsdp × tensor); batch_size (and eval_batch_size, with
         held-out records) must divide by data × fsdp.
     """
@@ -389,12 +390,12 @@ def train(
     Returns:
       TrainResult with the trained ScalarHeadModel (sharded on ``config.mesh``, as it
       trained; a given model is placed there in place); ``result.eval`` holds the final
-      held-out metrics (or None). With ``config.save_hf`` the model is also written to
-      ``output_dir/reward_model``.
+      held-out metrics (or None). With ``config.save_hf`` the model and ``tokenizer`` are
+      also written to ``output_dir/reward_model``.
     """
-    validate_records(preferences, required=("prompt",))
+    check_formats(preferences, "preference")
     if eval_preferences is not None:
-        validate_records(eval_preferences, required=("prompt",))
+        check_formats(eval_preferences, "preference")
     rows = {"batch_size": config.batch_size}
     if eval_preferences is not None:
         rows["eval_batch_size"] = config.eval_batch_size  # evaluation splits its rows too
@@ -434,10 +435,10 @@ def train(
         loop.end_step(step, state, metrics, finite=bool(finite), meta={"loader": loader.state_dict()})
 
     trained = split.merge(state["params"])
-    result = loop.finish(state, model=trained)
+    result = loop.finish(state, model=trained, tokenizer=tokenizer)
     result.eval = eval_metrics
     if config.save_hf:
         from jaxrl_llm.models.hf_io import save_hf
 
-        save_hf(trained, str(Path(config.run.output_dir) / "reward_model"))
+        save_hf(trained, str(Path(config.run.output_dir) / "reward_model"), tokenizer=tokenizer)
     return result

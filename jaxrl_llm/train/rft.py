@@ -437,7 +437,7 @@ def train(
                 "sft_loader": sft_loader.state_dict() if sft_loader is not None else {}}
         loop.end_step(step, state, {"iteration": iteration, **data.metrics, **step_metrics},
                       finite=bool(finite), meta=meta)
-    return loop.finish(state, model=split.merge(state["params"]))
+    return loop.finish(state, model=split.merge(state["params"]), tokenizer=tokenizer)
 
 
 # ---------------------------------------------------------------------------- best-of-N

@@ -167,4 +167,4 @@ def train(
         metrics["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
         loop.end_step(step, state, metrics, finite=bool(finite), meta={"loader": loader.state_dict()})
     final = apply_lora(frozen, state["params"], config.lora) if frozen else state["params"]
-    return loop.finish(state, model=split.merge(final))
+    return loop.finish(state, model=split.merge(final), tokenizer=tokenizer)

@@ -1,4 +1,6 @@
-"""Pre-flight checks on the run folder: it can be written and has room for a checkpoint.
+"""Pre-flight checks on the run folder: it can be written and has room for a checkpoint;
+and what of a run it already holds (``describe_run_outputs``), cleared for
+``run.overwrite`` (``clear_run_outputs``: only what a run writes).
 
 A run that cannot write its checkpoints should fail in the first second, not after an
 hour of training: `TrainLoop` calls `prepare_output_dir` before any compute and
@@ -7,6 +9,7 @@ hour of training: `TrainLoop` calls `prepare_output_dir` before any compute and
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -15,6 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import yaml
 
 # A checkpoint of the state takes about its in-memory size; the factor leaves room for
 # orbax's temporary directory next to the kept ones, the HF export and metric files.
@@ -48,7 +52,7 @@ def prepare_output_dir(output_dir: str | os.PathLike) -> Path:
             f"run.output_dir={str(path)!r} cannot be created: {err.strerror or err}. "
             "Expected a writable directory (or a path where one can be created)."
         ) from err
-    probe = path / f".write_probe_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    probe = path / f"{_PROBE_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}"
     try:
         # fsync so that a full or read-only disk fails here, not on the first checkpoint.
         with open(probe, "wb") as f:
@@ -101,3 +105,166 @@ def check_free_space(
             f"{_format_bytes(state_bytes)} training state). Free some space or choose "
             "another output_dir."
         )
+
+
+# ---------------------------------------------------------------------------- run folder
+#
+# A run folder belongs to one run. What a run writes into its output_dir — and so the
+# only things ``run.overwrite=true`` ever deletes; any other file is left alone.
+RUN_OUTPUT_FILES = (
+    "config.yaml",  # TrainLoop: the resolved config
+    "metrics.jsonl",  # TrainLoop: one row per step
+    "data_stats.json",  # dpo.DATA_STATS
+    "reference_logprobs.npz",  # dpo.REFERENCE_CACHE
+    # temporaries of the atomic writes above (left behind by a kill mid-write)
+    "config.yaml.tmp",
+    "metrics.tmp",
+    "reference_logprobs.tmp.npz",
+)
+RUN_OUTPUT_DIRS = (
+    "checkpoints",  # TrainLoop: orbax checkpoints, one folder per step
+    "tensorboard",  # TrainLoop (run.tensorboard): event files
+    "export",  # TrainLoop.finish (run.export_hf): the Hugging Face export
+    "reward_model",  # reward_model.train (save_hf)
+    "rft",  # rft.train: each iteration's kept samples
+)
+# TensorBoard event files written straight into the run folder (older layouts).
+RUN_OUTPUT_PATTERNS = ("events.out.tfevents.*",)
+_PROBE_PREFIX = ".write_probe_"
+
+
+def _has_content(path: Path) -> bool:
+    """A non-empty file, or a folder holding anything (a symlink counts as content)."""
+    if path.is_symlink():
+        return True
+    if path.is_dir():
+        return any(path.iterdir())
+    return path.is_file() and path.stat().st_size > 0
+
+
+def _run_entries(path: Path) -> list[Path]:
+    """The run outputs present in ``path`` (empty files / folders included)."""
+    if not path.is_dir():
+        return []
+    first = {"checkpoints": 0, "metrics.jsonl": 1, "config.yaml": 2}  # the most telling first
+    names = sorted({*RUN_OUTPUT_FILES, *RUN_OUTPUT_DIRS}, key=lambda n: (first.get(n, len(first)), n))
+    entries = [path / n for n in names if (path / n).exists() or (path / n).is_symlink()]
+    for pattern in RUN_OUTPUT_PATTERNS:
+        entries += sorted(p for p in path.glob(pattern) if p not in entries)
+    return entries
+
+
+def checkpoint_steps(checkpoints_dir: Path) -> list[int]:
+    """Steps of the (complete or not) orbax checkpoints in ``checkpoints_dir``."""
+    if not checkpoints_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in checkpoints_dir.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def describe_run_outputs(output_dir: str | os.PathLike) -> list[str]:
+    """What of an earlier run ``output_dir`` holds, e.g. ``["checkpoints at steps [20, 40]",
+    "metrics.jsonl with 40 rows", "config.yaml"]``; empty files and folders are not
+    counted, so ``[]`` means the folder can start a fresh run."""
+    path = Path(output_dir)
+    out = []
+    for entry in _run_entries(path):
+        if not _has_content(entry):
+            continue
+        name = entry.name
+        if name == "checkpoints" and entry.is_dir() and not entry.is_symlink():
+            steps = checkpoint_steps(entry)
+            out.append(f"checkpoints at steps {steps}" if steps else "checkpoints/ (no complete checkpoint)")
+        elif name == "metrics.jsonl" and entry.is_file():
+            rows = _count_lines(entry)
+            out.append(f"metrics.jsonl with {rows} row{'s' if rows != 1 else ''}")
+        elif entry.is_dir():
+            out.append(f"{name}/")
+        else:
+            out.append(name)
+    return out
+
+
+def _looks_like_run_folder(path: Path) -> bool:
+    """True when ``path`` was written by a run: a config.yaml holding a ``run`` mapping, a
+    metrics.jsonl whose first row has a step, or orbax step folders in checkpoints/."""
+    config = path / "config.yaml"
+    if config.is_file():
+        try:
+            data = yaml.safe_load(config.read_text())
+        except (yaml.YAMLError, OSError, UnicodeDecodeError):
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("run"), dict):
+            return True
+    metrics = path / "metrics.jsonl"
+    if metrics.is_file():
+        try:
+            with open(metrics) as f:
+                first = json.loads(f.readline())
+            if isinstance(first, dict) and "step" in first:
+                return True
+        except (ValueError, OSError, UnicodeDecodeError):
+            pass
+    checkpoints = path / "checkpoints"
+    return checkpoints.is_dir() and not checkpoints.is_symlink() and any(
+        (path / "checkpoints" / str(s) / "meta").is_dir() for s in checkpoint_steps(checkpoints)
+    )
+
+
+def _protected_folders() -> list[Path]:
+    """Folders never cleared: the file-system root, the home folder and its ancestors."""
+    home = Path.home().resolve()
+    return [Path(home.anchor), home, *home.parents]
+
+
+def check_clearable(output_dir: str | os.PathLike) -> list[Path]:
+    """The run outputs ``clear_run_outputs`` would delete; raises ``ValueError`` (deleting
+    nothing) when ``output_dir`` does not look like a run folder.
+
+    Refused: the file-system root, the home folder or one of its ancestors, a folder that
+    holds the current working directory, and a folder with run-output names (e.g. an
+    ``export/`` of its own) but no sign of a run (see ``_looks_like_run_folder``).
+    """
+    path = Path(output_dir)
+    resolved = path.resolve()
+    if resolved in _protected_folders():
+        raise ValueError(
+            f"run.overwrite=true refuses to clear run.output_dir={str(path)!r}: it is {resolved}, "
+            "not a run folder. Choose a dedicated output_dir."
+        )
+    cwd = Path.cwd().resolve()
+    if resolved in cwd.parents:
+        raise ValueError(
+            f"run.overwrite=true refuses to clear run.output_dir={str(path)!r}: it holds the "
+            f"current working directory {cwd}. Choose a dedicated output_dir."
+        )
+    entries = _run_entries(path)
+    if any(_has_content(e) for e in entries) and not _looks_like_run_folder(path):
+        raise ValueError(
+            f"run.overwrite=true refuses to clear run.output_dir={str(path)!r}: it holds "
+            f"{', '.join(describe_run_outputs(path))} but no config.yaml, metrics.jsonl or "
+            "checkpoint of a run, so it does not look like a run folder. Delete those by hand "
+            "if they can go, or choose another output_dir."
+        )
+    return entries
+
+
+def clear_run_outputs(output_dir: str | os.PathLike) -> list[str]:
+    """Deletes the run outputs in ``output_dir`` (``RUN_OUTPUT_FILES`` / ``_DIRS`` /
+    ``_PATTERNS``; a symlink is unlinked, never followed) and returns the names of the
+    entries left in place (files that are no run's). See ``check_clearable`` for the
+    folders it refuses."""
+    path = Path(output_dir)
+    entries = check_clearable(path)
+    for entry in entries:
+        if entry.is_symlink() or not entry.is_dir():
+            entry.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(entry)
+    if not path.is_dir():
+        return []
+    return sorted(p.name for p in path.iterdir() if not p.name.startswith(_PROBE_PREFIX))
