@@ -11,8 +11,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from jaxrl_llm.ops.checks import check_leading_dim, check_rank, check_same_shape
-from jaxrl_llm.ops.masked import upcast
+from jaxrl_llm.ops.checks import check_leading_dim, check_mask, check_rank, check_same_shape
+from jaxrl_llm.ops.masked import upcast, valid_positions, where_valid
 
 GROUP_SCALES = ("group", "batch", "none")
 GAE_METHODS = ("auto", "scan", "associative")
@@ -35,8 +35,9 @@ def gae(
     Masked positions are skipped: they contribute nothing and the recursion is carried
     across them unchanged, so a hole in the mask (e.g. a tool output inside a multi-turn
     response) links the tokens on either side as if adjacent. Advantages and returns are
-    0 at masked positions. Inputs are treated as constants (stop-gradient). No whitening:
-    apply ``masked_whiten`` if wanted.
+    0 at masked positions, whatever rewards / values hold there (NaN and inf included).
+    Inputs are treated as constants (stop-gradient). No whitening: apply
+    ``masked_whiten`` if wanted.
 
     Two algorithms give the same result (to float32 rounding): a reverse ``lax.scan``
     (T sequential steps, least arithmetic) and ``lax.associative_scan`` over the affine
@@ -65,9 +66,11 @@ def gae(
         raise ValueError(f"method={method!r}; expected one of {GAE_METHODS}.")
     if method == "auto":
         method = "scan" if jax.default_backend() == "cpu" else "associative"
-    rewards = jax.lax.stop_gradient(upcast(rewards))
-    values = jax.lax.stop_gradient(upcast(values))
-    valid = jnp.asarray(mask) > 0
+    check_mask(mask=mask)
+    valid = valid_positions(rewards, mask)
+    # zeroed before any arithmetic: NaN / inf at masked positions cannot reach the carry
+    rewards = jax.lax.stop_gradient(where_valid(upcast(rewards), valid))
+    values = jax.lax.stop_gradient(where_valid(upcast(values), valid))
     if method == "scan":
         advantages = _gae_scan(rewards, values, valid, gamma, lam)
     else:
@@ -140,11 +143,36 @@ def _unbiased_std(x: chex.Array, axis=None, keepdims=False) -> chex.Array:
     return jnp.std(x, axis=axis, ddof=1, keepdims=keepdims)
 
 
+def _grouped_mask(mask: chex.Array | None, scores: chex.Array, group_size: int) -> chex.Array | None:
+    """[N] 0/1 mask of scored samples → [N / G, G] bool (None stays None)."""
+    if mask is None:
+        return None
+    check_rank(1, mask=mask)
+    check_same_shape(scores=scores, mask=mask)
+    check_mask(mask=mask)
+    return (jnp.asarray(mask) > 0).reshape(-1, group_size)
+
+
+def _masked_group_stats(grouped, valid):
+    """Per group over the valid entries only: (count [G', 1], mean [G', 1], unbiased std
+    [G', 1], all valid scores equal or fewer than two of them [G', 1])."""
+    x = where_valid(grouped, valid)
+    n = jnp.sum(valid, axis=1, keepdims=True).astype(x.dtype)
+    mean = jnp.sum(x, axis=1, keepdims=True) / jnp.maximum(n, 1.0)
+    sq = jnp.sum(where_valid(jnp.square(x - mean), valid), axis=1, keepdims=True)
+    std = jnp.sqrt(sq / jnp.maximum(n - 1.0, 1.0))
+    top = jnp.max(jnp.where(valid, x, -jnp.inf), axis=1, keepdims=True)
+    bottom = jnp.min(jnp.where(valid, x, jnp.inf), axis=1, keepdims=True)
+    no_signal = (n < 2) | (top == bottom)
+    return n, mean, std, no_signal
+
+
 def group_advantages(
     scores: chex.Array,
     group_size: int,
     scale: str = "group",
     eps: float = 1e-6,
+    mask: chex.Array | None = None,
 ) -> chex.Array:
     """Group-relative advantages of GRPO and its variants.
 
@@ -155,6 +183,12 @@ def group_advantages(
     A group whose scores are all equal (all right or all wrong) gets exactly 0 — it
     carries no learning signal (DAPO's dynamic sampling drops such groups).
 
+    With ``mask`` (1 = the sample was scored), unscored samples are left out of every
+    statistic (group mean and std, batch std, "all equal") and get advantage 0, whatever
+    their score holds (NaN / inf included); a group with fewer than two scored samples
+    gets 0 everywhere (no baseline). With every sample scored the result equals the
+    unmasked one (to float rounding).
+
     References:
       Shao et al. 2024, DeepSeekMath (GRPO), https://arxiv.org/abs/2402.03300
       Liu et al. 2025, Dr. GRPO, https://arxiv.org/abs/2503.20783
@@ -164,6 +198,7 @@ def group_advantages(
       group_size: G ≥ 2.
       scale: one of GROUP_SCALES.
       eps: added to the std.
+      mask: optional [N] 0/1, 1 on scored samples.
 
     Returns:
       [N] float32 advantages (constants: stop-gradient).
@@ -171,6 +206,18 @@ def group_advantages(
     if scale not in GROUP_SCALES:
         raise ValueError(f"scale must be one of {GROUP_SCALES}, got {scale!r}")
     grouped = jax.lax.stop_gradient(_grouped(scores, group_size))
+    valid = _grouped_mask(mask, scores, group_size)
+    if valid is not None:
+        n, mean, std, no_signal = _masked_group_stats(grouped, valid)
+        centred = where_valid(grouped, valid) - mean
+        if scale == "group":
+            adv = centred / (std + eps)
+        elif scale == "batch":
+            _, _, batch_std, _ = _masked_group_stats(grouped.reshape(1, -1), valid.reshape(1, -1))
+            adv = centred / (batch_std + eps)
+        else:
+            adv = centred
+        return jnp.where(valid & ~no_signal, adv, 0.0).reshape(-1)
     centred = grouped - jnp.mean(grouped, axis=1, keepdims=True)
     if scale == "group":
         adv = centred / (_unbiased_std(grouped, axis=1, keepdims=True) + eps)
@@ -183,8 +230,13 @@ def group_advantages(
     return jnp.where(all_equal, 0.0, adv).reshape(-1)
 
 
-def rloo_advantages(scores: chex.Array, group_size: int) -> chex.Array:
+def rloo_advantages(scores: chex.Array, group_size: int, mask: chex.Array | None = None) -> chex.Array:
     """REINFORCE leave-one-out advantages: s_i − mean of the other G − 1 scores.
+
+    With ``mask`` (1 = the sample was scored), the baseline of a scored sample is the
+    mean of the OTHER SCORED samples of its group; unscored samples get 0 whatever their
+    score holds (NaN / inf included), and so does a group with fewer than two scored
+    samples.
 
     References:
       Ahmadian et al. 2024, Back to Basics: REINFORCE-style optimisation for RLHF,
@@ -193,11 +245,18 @@ def rloo_advantages(scores: chex.Array, group_size: int) -> chex.Array:
     Args:
       scores: [N] float, N = num_prompts · G, groups contiguous.
       group_size: G ≥ 2.
+      mask: optional [N] 0/1, 1 on scored samples.
 
     Returns:
       [N] float32 advantages (constants: stop-gradient).
     """
     grouped = jax.lax.stop_gradient(_grouped(scores, group_size))
+    valid = _grouped_mask(mask, scores, group_size)
+    if valid is not None:
+        n, _, _, no_signal = _masked_group_stats(grouped, valid)
+        x = where_valid(grouped, valid)
+        others_mean = (jnp.sum(x, axis=1, keepdims=True) - x) / jnp.maximum(n - 1.0, 1.0)
+        return jnp.where(valid & ~no_signal, x - others_mean, 0.0).reshape(-1)
     others_mean = (jnp.sum(grouped, axis=1, keepdims=True) - grouped) / (group_size - 1)
     all_equal = jnp.max(grouped, axis=1, keepdims=True) == jnp.min(grouped, axis=1, keepdims=True)
     return jnp.where(all_equal, 0.0, grouped - others_mean).reshape(-1)
@@ -237,16 +296,21 @@ def shape_token_rewards(
       beta: KL coefficient β (float or scalar array, e.g. from the adaptive controller).
 
     Returns:
-      [B, T] float32 rewards, exactly 0 on masked positions (constants: stop-gradient).
+      [B, T] float32 rewards, exactly 0 on masked positions whatever ``kl`` holds there
+      (constants: stop-gradient).
     """
     check_rank(1, scores=scores)
     check_rank(2, kl=kl)
     check_same_shape(kl=kl, mask=mask)
     check_leading_dim("kl", kl, scores=scores)
-    scores = jax.lax.stop_gradient(upcast(scores))
-    kl = jax.lax.stop_gradient(upcast(kl))
-    valid = jnp.asarray(mask) > 0
-    last = last_valid_index(mask)
+    check_mask(mask=mask)
+    valid = valid_positions(kl, mask)
+    kl = jax.lax.stop_gradient(where_valid(upcast(kl), valid))
+    # a row with no valid token (e.g. an unscored sample) may hold a NaN score: it is
+    # never read, since such a row has no last valid token
+    has_tokens = jnp.any(valid, axis=-1)
+    scores = jax.lax.stop_gradient(where_valid(upcast(scores), has_tokens))
+    last = last_valid_index(valid)
     is_last = jnp.arange(kl.shape[-1])[None, :] == last[:, None]
     rewards = -beta * kl + jnp.where(is_last, scores[:, None], 0.0)
-    return jnp.where(valid, rewards, 0.0)
+    return where_valid(rewards, valid)

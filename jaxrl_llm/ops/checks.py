@@ -82,3 +82,50 @@ def check_mask(**masks) -> None:
                 f"{name} must hold only 0 and 1 (1 = the position counts), found "
                 f"{np.unique(values[bad])[:5].tolist()}; to weight positions, scale the loss instead"
             )
+
+
+def is_concrete(x) -> bool:
+    """True when ``x``'s values can be read on this host: not a tracer (under ``jit``)
+    and, for a ``jax.Array``, fully addressable (not split over other processes)."""
+    return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
+
+
+def check_token_ids(vocab_size: int | None, *, mask=None, **arrays) -> None:
+    """Every id in each named array (or int, or sequence of ints) lies in
+    ``[0, vocab_size)``: an id past the embedding table is not an error in JAX (gathers
+    clamp or fill with NaN), it is silent garbage.
+
+    The message names the argument, the offending value(s), where the first one is and
+    the model's vocab_size. Only concrete values are read (a tracer under ``jit`` has none,
+    and is skipped); ``vocab_size=None`` (unknown) checks nothing. ``mask`` (same shape as
+    the arrays, optional) only annotates the message: positions with mask 0 are embedded
+    too, so they are checked as well.
+    """
+    if vocab_size is None:
+        return
+    for name, x in arrays.items():
+        if x is None or not is_concrete(x):
+            continue
+        ids = np.asarray(x)
+        if ids.size == 0:
+            continue
+        if not (np.issubdtype(ids.dtype, np.integer) or np.issubdtype(ids.dtype, np.bool_)):
+            raise ValueError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+        bad = (ids < 0) | (ids >= vocab_size)
+        if not np.any(bad):
+            continue
+        values = np.unique(ids[bad])
+        shown = ", ".join(str(v) for v in values[:5].tolist()) + (", ..." if values.size > 5 else "")
+        if ids.ndim == 0:
+            raise ValueError(
+                f"{name}={int(ids)} is outside the vocabulary [0, {vocab_size}): the model's "
+                f"vocab_size is {vocab_size}"
+            )
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        where = f"first at index {first}" if ids.ndim != 2 else f"first at row {first[0]}, column {first[1]}"
+        if mask is not None and is_concrete(mask) and np.shape(mask) == ids.shape and not np.asarray(mask)[first]:
+            where += " (a padding position: padding is embedded too, so it must hold a valid id such as the pad id)"
+        raise ValueError(
+            f"{name} holds token id(s) {shown} outside [0, {vocab_size}) ({int(bad.sum())} such, {where}): "
+            f"the model's vocab_size is {vocab_size}; were they made by another model's tokenizer?"
+        )

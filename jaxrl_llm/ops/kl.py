@@ -12,8 +12,8 @@ from __future__ import annotations
 import chex
 import jax.numpy as jnp
 
-from jaxrl_llm.ops.checks import check_same_shape
-from jaxrl_llm.ops.masked import upcast
+from jaxrl_llm.ops.checks import check_mask, check_same_shape
+from jaxrl_llm.ops.masked import upcast, valid_positions, where_valid
 
 KL_KINDS = ("k1", "abs", "k2", "k3")
 
@@ -23,6 +23,7 @@ def kl_penalty(
     ref_logp: chex.Array,
     kind: str = "k3",
     clamp: float | None = 10.0,
+    mask: chex.Array | None = None,
 ) -> chex.Array:
     """Per-token estimate of KL(π‖π_ref) from the sampled tokens' log-probs.
 
@@ -43,14 +44,25 @@ def kl_penalty(
       ref_logp: [B, T] float log π_ref(token).
       kind: one of KL_KINDS.
       clamp: bound for k3 (None: no clamp).
+      mask: optional [B, T] 1 on valid tokens. Pass it whenever padding may hold NaN /
+        ±inf log-probs: both inputs are zeroed there before any arithmetic, so the
+        estimate is exactly 0 at masked positions and the gradient is 0 there (without
+        it, multiplying the result by the mask afterwards still gives NaN: NaN·0 = NaN,
+        in the value and in the backward pass of exp / square).
 
     Returns:
-      [B, T] float32 per-token estimate (the caller masks and aggregates).
+      [B, T] float32 per-token estimate (the caller aggregates; 0 where mask is 0).
     """
     if kind not in KL_KINDS:
         raise ValueError(f"kind must be one of {KL_KINDS}, got {kind!r}")
     check_same_shape(logp=logp, ref_logp=ref_logp)
-    log_ratio = upcast(logp) - upcast(ref_logp)
+    logp, ref_logp = upcast(logp), upcast(ref_logp)
+    if mask is not None:
+        check_same_shape(logp=logp, mask=mask)
+        check_mask(mask=mask)
+        valid = valid_positions(logp, mask)
+        logp, ref_logp = where_valid(logp, valid), where_valid(ref_logp, valid)
+    log_ratio = logp - ref_logp
     if kind == "k1":
         return log_ratio
     if kind == "abs":

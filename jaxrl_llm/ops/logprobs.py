@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxrl_llm.ops.checks import check_int, check_leading_dim, check_rank
+from jaxrl_llm.ops.checks import check_int, check_leading_dim, check_mask, check_rank
 
 __all__ = ["entropy_from_logits", "logprobs_from_hidden", "token_logprobs"]
 
@@ -50,7 +50,26 @@ def _gather_tokens(values: jax.Array, tokens: jax.Array) -> jax.Array:
     return jnp.where(valid, picked[..., 0], jnp.nan)
 
 
-def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+def _position_mask(mask, reference_name: str, reference) -> jax.Array | None:
+    """[B, T] bool "position counts" from an optional 0/1 ``mask`` (checked against the
+    [B, T] ``reference``), or None."""
+    if mask is None:
+        return None
+    check_rank(2, hint="[B, T]", mask=mask)
+    check_leading_dim(reference_name, reference, dims=2, mask=mask)
+    check_mask(mask=mask)
+    return jnp.asarray(mask) > 0
+
+
+def _zero_rows(x: jax.Array, valid: jax.Array | None) -> jax.Array:
+    """``x`` ([B, T, ...]) with the rows of masked positions set to 0 (``jnp.where``, so
+    that NaN / inf there reach neither a value nor a gradient)."""
+    if valid is None:
+        return x
+    return jnp.where(valid.reshape(valid.shape + (1,) * (x.ndim - 2)), x, jnp.zeros((), x.dtype))
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Log-probability of each chosen token under the softmax of its logits.
 
     log π(y_t) = z_{t, y_t} − log Σ_v exp(z_{t, v}), computed in float32.
@@ -62,7 +81,11 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     Args:
         logits: `[B, T, V]` float (any float dtype; upcast to float32).
         tokens: `[B, T]` int, token ids in `[0, V)`; an id outside that range (e.g. an
-            ignore index −100) gives NaN, so padding positions should hold a valid id such as 0.
+            ignore index −100) gives NaN, so padding positions should hold a valid id such as 0
+            (or be masked).
+        mask: optional `[B, T]` 0/1, 1 on positions that count. Masked positions give
+            exactly 0, whatever their logits (NaN / inf of padded rows) and token ids hold,
+            and their logits get gradient 0.
 
     Returns:
         logprobs: `[B, T]` float32, each ≤ 0.
@@ -71,11 +94,15 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     check_rank(2, hint="[B, T]", tokens=tokens)
     check_leading_dim("logits", logits, dims=2, tokens=tokens)
     check_int(tokens=tokens)
+    valid = _position_mask(mask, "logits", logits)
+    if valid is not None:
+        logits, tokens = _zero_rows(logits, valid), jnp.where(valid, tokens, 0)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return _gather_tokens(logp, tokens)
+    out = _gather_tokens(logp, tokens)
+    return out if valid is None else jnp.where(valid, out, 0.0)
 
 
-def entropy_from_logits(logits: jax.Array) -> jax.Array:
+def entropy_from_logits(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Entropy of the softmax distribution at every position.
 
     H_t = −Σ_v p_{t,v} log p_{t,v} = logsumexp(z_t) − Σ_v softmax(z_t)_v · z_{t,v},
@@ -87,11 +114,16 @@ def entropy_from_logits(logits: jax.Array) -> jax.Array:
 
     Args:
         logits: `[B, T, V]` float (any float dtype; upcast to float32).
+        mask: optional `[B, T]` 0/1, 1 on positions that count; masked positions give
+            exactly 0 and gradient 0, whatever their logits hold.
 
     Returns:
         entropy: `[B, T]` float32, in `[0, log V]`.
     """
     check_rank(3, hint="[B, T, V]", logits=logits)
+    valid = _position_mask(mask, "logits", logits)
+    if valid is not None:
+        return jnp.where(valid, entropy_from_logits(_zero_rows(logits, valid)), 0.0)
     # Shift by the row max first: lse and Σ p·z share any common offset, which would
     # otherwise cancel catastrophically (logits ~1e4 lose 3 digits in float32).
     logits = logits.astype(jnp.float32)
@@ -199,6 +231,7 @@ def logprobs_from_hidden(
     unembed: jax.Array,
     tokens: jax.Array,
     chunk_size: int = 1024,
+    mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Token log-probs and entropies from hidden states, without materialising the logits.
 
@@ -234,6 +267,11 @@ def logprobs_from_hidden(
             should hold a valid id such as 0 (and be masked by the caller).
         chunk_size: static int > 0, number of flattened tokens per chunk. Larger is faster
             and uses more memory; values above B·T are clipped to B·T.
+        mask: optional `[B, T]` 0/1, 1 on positions whose log-prob is used (response
+            tokens). Masked positions give exactly 0 (log-prob and entropy) and gradient
+            0, and their hidden states and token ids are replaced by 0 before the matmul,
+            so a NaN / inf hidden state of a padded row (or an out-of-range id there)
+            cannot reach ∂/∂unembed, which sums over all rows.
 
     Returns:
         logprobs: `[B, T]` float32.
@@ -252,6 +290,10 @@ def logprobs_from_hidden(
     is_int = isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool)
     if not is_int or chunk_size <= 0:
         raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}.")
+    valid = _position_mask(mask, "hidden", hidden)
+    if valid is not None:
+        logp, ent = logprobs_from_hidden(_zero_rows(hidden, valid), unembed, jnp.where(valid, tokens, 0), chunk_size)
+        return jnp.where(valid, logp, 0.0), jnp.where(valid, ent, 0.0)
 
     batch, length, _ = hidden.shape
     num_tokens = batch * length

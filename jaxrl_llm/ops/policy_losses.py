@@ -3,6 +3,10 @@ value loss.
 
 All losses return ``(loss, metrics)`` with scalar float32 entries so they plug into
 ``jax.value_and_grad(..., has_aux=True)``. Shapes: B batch, T response length.
+
+Every float input is zeroed at masked positions (``jnp.where``) before any arithmetic,
+so NaN / ±inf there (padding log-probs, unscored samples' advantages, ...) leave the
+loss, the metrics and the gradients finite; unmasked positions are computed as before.
 """
 
 from __future__ import annotations
@@ -11,8 +15,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from jaxrl_llm.ops.checks import check_leading_dim, check_rank, check_same_shape
-from jaxrl_llm.ops.masked import aggregate_loss, masked_mean, upcast
+from jaxrl_llm.ops.checks import check_leading_dim, check_mask, check_rank, check_same_shape
+from jaxrl_llm.ops.masked import _masked_mean, aggregate_loss, upcast, valid_positions, where_valid
 
 # exp(20) ≈ 4.9e8: large enough never to bind in healthy training, small enough that
 # ρ·A stays finite in float32 when the policy has drifted far from the sampler.
@@ -21,14 +25,15 @@ LOG_RATIO_CLAMP = 20.0
 SEQ_LOG_RATIO_CLAMP = 10.0
 
 
-def _token_advantages(advantages: chex.Array, mask: chex.Array) -> chex.Array:
-    """[B] or [B, T] advantages → [B, T] float32, stop-gradient."""
+def _token_advantages(advantages: chex.Array, mask: chex.Array, valid: chex.Array) -> chex.Array:
+    """[B] or [B, T] advantages → [B, T] float32, stop-gradient, 0 at masked positions."""
     advantages = jax.lax.stop_gradient(upcast(advantages))
     if advantages.ndim == 1:
         check_leading_dim("mask", mask, advantages=advantages)
-        return jnp.broadcast_to(advantages[:, None], mask.shape)
-    check_same_shape(mask=mask, advantages=advantages)
-    return advantages
+        advantages = jnp.broadcast_to(advantages[:, None], jnp.shape(mask))
+    else:
+        check_same_shape(mask=mask, advantages=advantages)
+    return where_valid(advantages, valid)
 
 
 def _check_clip(clip_low: float, clip_high: float) -> None:
@@ -92,9 +97,13 @@ def ppo_policy_loss(
     _check_clip(clip_low, clip_high)
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 or None, got {dual_clip}")
-    logp = upcast(logp)
-    old_logp = jax.lax.stop_gradient(upcast(old_logp))
-    adv = _token_advantages(advantages, mask)
+    # Masked positions are zeroed BEFORE any arithmetic (NaN·0 is NaN, also in the
+    # backward pass): whatever they hold, the loss and its gradient stay finite.
+    check_mask(mask=mask)
+    valid = valid_positions(logp, mask)
+    logp = where_valid(upcast(logp), valid)
+    old_logp = jax.lax.stop_gradient(where_valid(upcast(old_logp), valid))
+    adv = _token_advantages(advantages, mask, valid)
 
     log_ratio = jnp.clip(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = jnp.exp(log_ratio)
@@ -102,16 +111,16 @@ def ppo_policy_loss(
     clipped = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
     loss_mat = jnp.maximum(unclipped, clipped)
     is_clipped = clipped > unclipped
-    clipfrac = masked_mean(is_clipped.astype(jnp.float32), mask)
+    clipfrac = _masked_mean(is_clipped.astype(jnp.float32), mask)
     # Which bound bit: ρ > 1 + ε_high (A > 0) or ρ < 1 − ε_low (A < 0) — clip-higher
     # monitoring (DAPO) needs them apart.
-    clipfrac_high = masked_mean((is_clipped & (ratio > 1.0)).astype(jnp.float32), mask)
-    clipfrac_low = masked_mean((is_clipped & (ratio < 1.0)).astype(jnp.float32), mask)
+    clipfrac_high = _masked_mean((is_clipped & (ratio > 1.0)).astype(jnp.float32), mask)
+    clipfrac_low = _masked_mean((is_clipped & (ratio < 1.0)).astype(jnp.float32), mask)
     if dual_clip is not None:
         dual_bound = -adv * dual_clip
         lower_active = (adv < 0) & (loss_mat > dual_bound)
         loss_mat = jnp.where(adv < 0, jnp.minimum(loss_mat, dual_bound), loss_mat)
-        clipfrac_lower = masked_mean(lower_active.astype(jnp.float32), mask)
+        clipfrac_lower = _masked_mean(lower_active.astype(jnp.float32), mask)
     else:
         clipfrac_lower = jnp.zeros((), jnp.float32)
 
@@ -121,8 +130,8 @@ def ppo_policy_loss(
         "clipfrac_high": clipfrac_high,
         "clipfrac_low": clipfrac_low,
         "clipfrac_lower": clipfrac_lower,
-        "approx_kl": masked_mean(jax.lax.stop_gradient(old_logp - logp), mask),
-        "ratio_mean": masked_mean(jax.lax.stop_gradient(ratio), mask),
+        "approx_kl": _masked_mean(jax.lax.stop_gradient(old_logp - logp), mask),
+        "ratio_mean": _masked_mean(jax.lax.stop_gradient(ratio), mask),
     }
     return loss, metrics
 
@@ -165,11 +174,13 @@ def gspo_policy_loss(
     check_rank(1, advantages=advantages)
     check_same_shape(logp=logp, old_logp=old_logp, mask=mask)
     _check_clip(clip_low, clip_high)
-    logp = upcast(logp)
-    old_logp = jax.lax.stop_gradient(upcast(old_logp))
-    adv = _token_advantages(advantages, mask)
+    check_mask(mask=mask)
+    valid = valid_positions(logp, mask)
+    logp = where_valid(upcast(logp), valid)
+    old_logp = jax.lax.stop_gradient(where_valid(upcast(old_logp), valid))
+    adv = _token_advantages(advantages, mask, valid)
 
-    seq_log_ratio = masked_mean(logp - old_logp, mask, axis=-1)  # [B]
+    seq_log_ratio = _masked_mean(logp - old_logp, mask, axis=-1)  # [B]
     token_log_ratio = logp - jax.lax.stop_gradient(logp) + jax.lax.stop_gradient(seq_log_ratio)[:, None]
     ratio = jnp.exp(jnp.minimum(token_log_ratio, SEQ_LOG_RATIO_CLAMP))
     unclipped = -adv * ratio
@@ -177,13 +188,13 @@ def gspo_policy_loss(
     loss_mat = jnp.maximum(unclipped, clipped)
     loss = aggregate_loss(loss_mat, mask, "seq_mean_token_mean")
 
-    seq_has_tokens = jnp.sum(upcast(mask), axis=-1) > 0
+    seq_has_tokens = jnp.any(valid, axis=-1)
     seq_ratio = jnp.exp(jnp.minimum(jax.lax.stop_gradient(seq_log_ratio), SEQ_LOG_RATIO_CLAMP))
     metrics = {
-        "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+        "clipfrac": _masked_mean((clipped > unclipped).astype(jnp.float32), mask),
         "clipfrac_lower": jnp.zeros((), jnp.float32),
-        "approx_kl": masked_mean(jax.lax.stop_gradient(old_logp - logp), mask),
-        "ratio_mean": masked_mean(seq_ratio, seq_has_tokens),
+        "approx_kl": _masked_mean(jax.lax.stop_gradient(old_logp - logp), mask),
+        "ratio_mean": _masked_mean(seq_ratio, seq_has_tokens),
     }
     return loss, metrics
 
@@ -222,9 +233,11 @@ def value_loss(
     check_same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
     if clip is not None and clip <= 0:
         raise ValueError(f"clip must be > 0 or None, got {clip}")
-    values = upcast(values)
-    old_values = jax.lax.stop_gradient(upcast(old_values))
-    returns = jax.lax.stop_gradient(upcast(returns))
+    check_mask(mask=mask)
+    valid = valid_positions(values, mask)
+    values = where_valid(upcast(values), valid)
+    old_values = jax.lax.stop_gradient(where_valid(upcast(old_values), valid))
+    returns = jax.lax.stop_gradient(where_valid(upcast(returns), valid))
 
     unclipped = jnp.square(values - returns)
     if clip is None:
@@ -234,10 +247,10 @@ def value_loss(
         clipped_values = old_values + jnp.clip(values - old_values, -clip, clip)
         clipped = jnp.square(clipped_values - returns)
         loss_mat = 0.5 * jnp.maximum(unclipped, clipped)
-        vf_clipfrac = masked_mean((clipped > unclipped).astype(jnp.float32), mask)
+        vf_clipfrac = _masked_mean((clipped > unclipped).astype(jnp.float32), mask)
     loss = aggregate_loss(loss_mat, mask, agg)
     metrics = {
         "vf_clipfrac": vf_clipfrac,
-        "value_error": masked_mean(jax.lax.stop_gradient(unclipped), mask),
+        "value_error": _masked_mean(jax.lax.stop_gradient(unclipped), mask),
     }
     return loss, metrics

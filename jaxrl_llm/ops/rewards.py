@@ -8,7 +8,7 @@ import chex
 import jax.numpy as jnp
 
 from jaxrl_llm.ops.checks import check_mask, check_rank, check_same_shape
-from jaxrl_llm.ops.masked import masked_mean, masked_sum, upcast
+from jaxrl_llm.ops.masked import _masked_mean, _masked_sum, upcast
 
 
 def overlong_penalty(
@@ -54,6 +54,9 @@ def sequence_logprobs(
     Length normalisation removes the advantage long responses would otherwise get (or
     lose) in DPO-style margins (SimPO, ORPO users expect it).
 
+    Masked positions are selected away, not multiplied by 0: a NaN / -inf log-prob there
+    changes neither the result nor its (zero) gradient.
+
     Args:
       token_logp: [B, T] float per-token log-probs.
       mask: [B, T] 1.0 on response tokens.
@@ -66,5 +69,5 @@ def sequence_logprobs(
     check_same_shape(token_logp=token_logp, mask=mask)
     check_mask(mask=mask)
     if length_normalize:
-        return masked_mean(token_logp, mask, axis=-1)
-    return masked_sum(token_logp, mask, axis=-1)
+        return _masked_mean(token_logp, mask, axis=-1)
+    return _masked_sum(token_logp, mask, axis=-1)

@@ -6,8 +6,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from jaxrl_llm.ops.checks import check_rank, check_same_shape
-from jaxrl_llm.ops.masked import aggregate_loss, masked_mean, upcast
+from jaxrl_llm.ops.checks import check_mask, check_rank, check_same_shape
+from jaxrl_llm.ops.masked import _masked_mean, aggregate_loss, upcast, valid_positions, where_valid
 
 
 def sft_loss(
@@ -28,9 +28,13 @@ def sft_loss(
     """
     check_rank(2, logp=logp)
     check_same_shape(logp=logp, mask=mask)
-    nll = -upcast(logp)
+    check_mask(mask=mask)
+    valid = valid_positions(logp, mask)
+    # zeroed before any arithmetic: a NaN / -inf log-prob at a masked position (e.g. an
+    # ignore index -100) leaves the loss and its gradient finite
+    nll = -where_valid(upcast(logp), valid)
     loss = aggregate_loss(nll, mask, agg)
-    token_nll = jax.lax.stop_gradient(masked_mean(nll, mask))
+    token_nll = jax.lax.stop_gradient(_masked_mean(nll, valid))
     metrics = {
         "nll": token_nll,
         "perplexity": jnp.exp(token_nll),

@@ -18,6 +18,7 @@ point mass and ``logprobs`` is 0.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +29,7 @@ from flax import nnx, struct
 
 from jaxrl_llm.data.padding import bucket_length
 from jaxrl_llm.ops.advantages import last_valid_index
-from jaxrl_llm.ops.checks import check_int, check_mask
+from jaxrl_llm.ops.checks import check_int, check_mask, check_token_ids
 from jaxrl_llm.rollout.filters import sample_token, validate_sampling_args
 
 
@@ -128,6 +129,45 @@ def _validate(prompts, prompt_mask, max_new_tokens, num_samples, temperature, to
         raise ValueError(f"every prompt needs at least one token; empty prompt rows: {np.where(lengths == 0)[0].tolist()}")
 
 
+def model_vocab_size(model: Any) -> int | None:
+    """The vocabulary size of a model (``model.config.vocab_size``), or None if unknown."""
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return None if size is None else int(size)
+
+
+def _token_id(name: str, value: Any) -> int:
+    """``value`` as a Python int token id (an int, numpy int or integer scalar array)."""
+    try:
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must hold int token ids, got {value!r}") from None
+
+
+def check_ids_fit(model: Any, prompts: Any = None, prompt_mask: Any = None, *,
+                  pad_token_id: Any = None, stop_token_ids: Sequence[int] = ()) -> None:
+    """Prompt ids, ``pad_token_id`` and ``stop_token_ids`` lie in [0, the model's vocab_size).
+
+    An id past the embedding table is not an error in JAX (gathers clamp, or fill with
+    NaN): it would silently give garbage. The ValueError names the argument, the offending
+    value and the model's vocab_size. Concrete values only: traced ids (under ``jit``) are
+    not checked. Models without ``config.vocab_size`` are not checked.
+    """
+    vocab = model_vocab_size(model)
+    check_token_ids(vocab, mask=prompt_mask, prompts=prompts)
+    if pad_token_id is not None:
+        check_token_ids(vocab, pad_token_id=np.asarray(_token_id("pad_token_id", pad_token_id)))
+    stops = [_token_id("stop_token_ids", s) for s in stop_token_ids]
+    if vocab is not None and stops:
+        bad = [s for s in stops if not 0 <= s < vocab]
+        if bad:
+            raise ValueError(
+                f"stop_token_ids {stops} hold {bad}, outside the vocabulary [0, {vocab}): the model's vocab_size "
+                f"is {vocab}; a stop id the model cannot emit never stops a response"
+            )
+
+
 def _check_context(model: Any, prompt_mask: np.ndarray, max_new_tokens: int) -> None:
     """The longest prompt plus max_new_tokens fits the model's context window (positions
     beyond ``max_position_embeddings`` were never trained and RoPE scaling assumes them)."""
@@ -173,14 +213,15 @@ def generate(
     Args:
       model: a ``CausalLM`` (any module with ``forward(tokens, positions, cache, *,
         attention_mask, return_hidden)``, ``init_cache`` and ``unembed``).
-      prompts: [B, P] int token ids, left- or right-padded.
+      prompts: [B, P] int token ids in [0, model.config.vocab_size), left- or
+        right-padded (padding positions are embedded too: they must hold valid ids).
       prompt_mask: [B, P] 1 on real prompt tokens.
       max_new_tokens: T > 0.
       num_samples: G ≥ 1 responses per prompt.
       temperature, top_k, top_p, min_p: sampling options (``rollout.filters``).
       stop_token_ids: ids that end a response (e.g. EOS and end-of-turn); the stop token
-        is part of the response and its mask.
-      pad_token_id: written after the end of a response.
+        is part of the response and its mask. Each in [0, vocab_size).
+      pad_token_id: written after the end of a response; in [0, vocab_size).
       rng: PRNG key.
       return_raw_logprobs: also return temperature-1 unfiltered policy log-probs.
       prompt_bucket: pad P up to a multiple of this (0: no bucketing).
@@ -194,10 +235,16 @@ def generate(
 
     Returns:
       Rollout with N = B·G rows in group layout.
+
+    Raises:
+      ValueError: bad shapes or options; a prompt id, ``pad_token_id`` or stop id outside
+        [0, vocab_size) (the message names the argument, the value and the model's
+        vocab_size).
     """
     prompts = np.asarray(prompts)
     prompt_mask = np.asarray(prompt_mask)
     _validate(prompts, prompt_mask, max_new_tokens, num_samples, temperature, top_k, top_p, min_p)
+    check_ids_fit(model, prompts, prompt_mask, pad_token_id=pad_token_id, stop_token_ids=stop_token_ids)
     _check_context(model, prompt_mask, max_new_tokens)
     if isinstance(decode_window, bool) or not isinstance(decode_window, int) or decode_window < 1:
         raise ValueError(f"decode_window must be a positive int (new tokens of the first cache window), "

@@ -41,6 +41,7 @@ from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
 from jaxrl_llm.train.microbatch import accumulated_value_and_grad, row_weights
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
 from jaxrl_llm.train.policy import (
+    check_tokenizer_fits,
     make_placement,
     placed_model,
     response_logprobs,
@@ -334,7 +335,7 @@ def _policy_loss(params, batch, split, static: _Static):
         loss, metrics = ops.gspo_policy_loss(logp, old, batch["advantages"], mask, config.clip_low, config.clip_high)
     metrics = {"pg_loss": loss, **metrics}
     if static.has_ref:
-        kl = ops.kl_penalty(logp, batch["ref_logp"], config.kl_kind)
+        kl = ops.kl_penalty(logp, batch["ref_logp"], config.kl_kind, mask=mask)
         kl_loss = ops.aggregate_loss(kl, mask, config.loss_agg, norm_length)
         loss = loss + config.kl_coef * kl_loss
         metrics["kl_loss"] = kl_loss
@@ -492,6 +493,8 @@ def train(
     n_rows = config.prompts_per_step * config.group_size
     update_rows = ("prompts_per_step * group_size / minibatches" if config.microbatches == 1
                    else "prompts_per_step * group_size / (minibatches * microbatches)")
+    check_tokenizer_fits(policy, tokenizer)
+    check_tokenizer_fits(reference, tokenizer)
     placement = make_placement(config.mesh, policy, {
         "prompts_per_step": config.prompts_per_step,
         update_rows: n_rows // (config.minibatches * config.microbatches),

@@ -67,6 +67,7 @@ from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
 from jaxrl_llm.train.microbatch import accumulated_value_and_grad, row_weights
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
 from jaxrl_llm.train.policy import (
+    check_tokenizer_fits,
     make_placement,
     placed_model,
     response_logprobs,
@@ -350,7 +351,7 @@ def compute_ppo_targets(
     if kl_reward_placement not in KL_REWARD_PLACEMENTS:
         raise ValueError(f"kl_reward_placement must be one of {KL_REWARD_PLACEMENTS}, got {kl_reward_placement!r}")
     mask = jnp.asarray(mask, jnp.float32)
-    kl = ops.kl_penalty(logp, ref_logp, kl_kind) * mask
+    kl = ops.kl_penalty(logp, ref_logp, kl_kind, mask=mask)
     if kl_reward_placement == "sequence":
         # Sum the KL into the score; β = 0 then puts only the score, on the last valid token.
         rewards = ops.shape_token_rewards(scores - beta * kl.sum(axis=-1), kl, mask, 0.0)
@@ -448,7 +449,9 @@ def _forward(params, rests, tokens, full_mask, graphs, opts: LossOptions):
     if critic_graph is None:  # shared: value head on the policy's hidden states
         out = policy.forward(tokens, attention_mask=full_mask, return_hidden=True)
         hidden = out.hidden[:, p - 1 : -1]
-        logp, entropy = ops.logprobs_from_hidden(hidden, policy.unembed, tokens[:, p:], chunk_size=chunk)
+        hidden = jnp.where(full_mask[:, p:, None] > 0, hidden, jnp.zeros((), hidden.dtype))
+        logp, entropy = ops.logprobs_from_hidden(hidden, policy.unembed, tokens[:, p:], chunk_size=chunk,
+                                                 mask=full_mask[:, p:])
         head = params["critic"]["value_head"]
         values = jnp.einsum("btd,do->bto", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)[..., 0]
     else:
@@ -482,7 +485,7 @@ def ppo_loss(params, batch, rests, graphs, opts: LossOptions):
     metrics = {"pg_loss": pg_loss, "vf_loss": vf_loss, **pg_metrics, **vf_metrics,
                "entropy": jax.lax.stop_gradient(ops.masked_mean(entropy, mask))}
     if not opts.kl_in_reward:
-        kl = ops.kl_penalty(logp, jax.lax.stop_gradient(batch["ref_logp"]), opts.kl_kind)
+        kl = ops.kl_penalty(logp, jax.lax.stop_gradient(batch["ref_logp"]), opts.kl_kind, mask=mask)
         kl_loss = ops.aggregate_loss(kl, mask, opts.loss_agg)
         loss = loss + batch["kl_coef"] * kl_loss
         metrics["kl_loss"] = kl_loss
@@ -664,6 +667,8 @@ def train(
     check_formats(prompts, "prompt")
     # One mesh for all four models; every row count split over it is checked here, so a
     # batch that does not fit fails at start naming its config field.
+    for m in (policy, reference, reward_model, critic):
+        check_tokenizer_fits(m, tokenizer)
     placement = make_placement(config.mesh, policy, config.mesh_rows())
     model = placed_model(policy, placement)
     pad = pad_id(tokenizer)

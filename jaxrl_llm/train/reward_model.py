@@ -48,7 +48,7 @@ from jaxrl_llm.parallel.placement import MeshConfig, Placement, forward_rows
 from jaxrl_llm.train.guard import apply_if_finite
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
-from jaxrl_llm.train.policy import make_placement, placed_model, split_model
+from jaxrl_llm.train.policy import check_tokenizer_fits, make_placement, placed_model, split_model
 
 LOSSES = ("bradley_terry", "plackett_luce")
 
@@ -399,6 +399,7 @@ def train(
     rows = {"batch_size": config.batch_size}
     if eval_preferences is not None:
         rows["eval_batch_size"] = config.eval_batch_size  # evaluation splits its rows too
+    check_tokenizer_fits(model, tokenizer)
     placement = make_placement(config.mesh, model, rows)
     rm = as_reward_model(model, config.pool, seed=config.run.seed, placement=placement)
     loader = _MarginLoader(preferences, tokenizer, config.batch_size, max_len=config.max_len, kind=config.kind,

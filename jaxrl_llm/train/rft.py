@@ -48,7 +48,7 @@ from jaxrl_llm.rewards.combine import safe_reward_fn
 from jaxrl_llm.rollout.sampler import Rollout, generate
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
-from jaxrl_llm.train.policy import as_model, make_placement, placed_model, split_model
+from jaxrl_llm.train.policy import as_model, check_tokenizer_fits, make_placement, placed_model, split_model
 from jaxrl_llm.train.scoring import (
     RewardScorer,
     resolve_reward,
@@ -380,6 +380,7 @@ def train(
     """
     records = load_records(prompts, required=())
     check_formats(records, "prompt")
+    check_tokenizer_fits(policy, tokenizer)
     placement = make_placement(config.mesh, policy, {"sampling_batch_size": config.sampling_batch_size,
                                                      "batch_size": config.batch_size})
     model = placed_model(policy, placement)
@@ -494,6 +495,7 @@ def best_of_n_curve(
     m = ns[-1]
     records = load_records(prompts, required=())
     check_formats(records, "prompt")
+    check_tokenizer_fits(model, tokenizer)
     model = as_model(model)
     loader = PromptLoader(records, tokenizer, min(batch_size, len(records)), shuffle=False, drop_last=False,
                           num_epochs=1, max_prompt_len=max_prompt_len, padding_side="right", bucket="max")

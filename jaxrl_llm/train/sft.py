@@ -23,7 +23,7 @@ from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
 from jaxrl_llm.train.microbatch import accumulated_value_and_grad, row_weights
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
 from jaxrl_llm.parallel.placement import MeshConfig, Placement
-from jaxrl_llm.train.policy import SplitModel, make_placement, placed_model, split_model
+from jaxrl_llm.train.policy import SplitModel, check_tokenizer_fits, make_placement, placed_model, split_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +81,8 @@ def sft_forward_loss(model: nnx.Module, batch: dict, agg: str, chunk_size: int, 
     segments = {"segment_ids": batch["segment_ids"]} if packed else {}
     out = model.forward(batch["tokens"], batch["positions"], attention_mask=batch["attention_mask"],
                         return_hidden=True, **segments)
-    logp, _ = ops.logprobs_from_hidden(out.hidden[:, :-1], model.unembed, batch["tokens"][:, 1:], chunk_size=chunk_size)
+    logp, _ = ops.logprobs_from_hidden(out.hidden[:, :-1], model.unembed, batch["tokens"][:, 1:], chunk_size=chunk_size,
+                                       mask=batch["loss_mask"][:, 1:])
     return ops.sft_loss(logp, batch["loss_mask"][:, 1:], agg)
 
 
@@ -139,6 +140,7 @@ def train(
     validate_records(examples)
     rows = ({"batch_size": config.batch_size} if config.microbatches == 1
             else {"batch_size / microbatches": config.batch_size // config.microbatches})
+    check_tokenizer_fits(policy, tokenizer)
     placement = make_placement(config.mesh, policy, rows)
     model = placed_model(policy, placement)
     loader = SFTLoader(examples, tokenizer, config.batch_size, max_len=config.max_len, seed=config.run.seed,
