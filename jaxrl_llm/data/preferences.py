@@ -236,10 +236,29 @@ def _responses_in_order(record: Mapping[str, Any], index: int) -> tuple[list, fl
         if record.get(field) is None:
             raise ValueError(f"record {index} is missing field {field!r} (or use 'responses' with "
                              f"'ranking'/'scores'); fields present: {sorted(record)}.")
-    label = float(record.get("label", 1.0) if record.get("label") is not None else 1.0)
+    return [record["chosen"], record["rejected"]], preference_label(record, index), ()
+
+
+def preference_label(record: Mapping[str, Any], index: int) -> float:
+    """The ``label`` of pairwise record ``index`` as a float in [0, 1] (1.0 when absent):
+    the probability that ``chosen`` is preferred (0.5: a tie).
+
+    Raises:
+      ValueError: a label that is not a number in [0, 1] (a string such as "yes", a
+        bool, NaN), naming the record index and the value.
+    """
+    value = record.get("label")
+    if value is None:
+        return 1.0
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(  # noqa: TRY004 - bad data, shown as a user error
+            f"record {index}: label={value!r} ({type(value).__name__}) is not a number; expected "
+            "a number in [0, 1], the probability that 'chosen' is preferred (1.0, or 0.5 for a tie)."
+        )
+    label = float(value)
     if not 0.0 <= label <= 1.0:
         raise ValueError(f"record {index}: label={label} must be in [0, 1].")
-    return [record["chosen"], record["rejected"]], label, ()
+    return label
 
 
 def tokenize_preferences(records: Sequence[Mapping[str, Any]], tokenizer, *, max_len: int,

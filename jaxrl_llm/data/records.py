@@ -39,16 +39,35 @@ def _format_of(path: Path, fmt: str | None) -> str:
     return fmt
 
 
+def _utf8_error(path: Path, data: bytes, err: UnicodeDecodeError, line: int | None = None) -> ValueError:
+    """Names the file, the line and column of the first byte that is not UTF-8."""
+    start = data.rfind(b"\n", 0, err.start) + 1
+    if line is None:
+        line = data.count(b"\n", 0, err.start) + 1
+    bad = data[err.start:err.end].hex(" ")
+    return ValueError(
+        f"{path}: line {line}, column {err.start - start + 1} is not valid UTF-8 (byte(s) {bad}: "
+        f"{err.reason}); expected UTF-8 text. Re-encode the file as UTF-8 (e.g. "
+        f"`iconv -f latin1 -t utf-8`)."
+    )
+
+
 def _read_jsonl(path: Path) -> list:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _utf8_error(path, raw, e, line=lineno) from e
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {lineno} is not valid JSON: {e.msg}.") from e
+                raise ValueError(f"{path}: line {lineno} is not valid JSON: {e.msg} (column {e.colno}).") from e
     return rows
 
 
@@ -64,8 +83,15 @@ def _pick_split(splits: Mapping[str, Any], split: str | None, where: str):
 
 
 def _read_json(path: Path, split: str | None) -> list:
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _utf8_error(path, raw, e) from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno}, column {e.colno} is not valid JSON: {e.msg}.") from e
     if isinstance(data, Mapping):
         data = _pick_split(data, split, str(path))
     elif split is not None:

@@ -20,6 +20,7 @@ E axis (HF per-expert tensors, or transformers 5 fused `gate_up_proj`/`down_proj
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxrl_llm.models.config import ModelConfig
@@ -235,13 +236,40 @@ def _fused_expert_keys(config: ModelConfig) -> dict[str, tuple[int, str]]:
     return out
 
 
+@contextlib.contextmanager
+def _named_corruption(file: str):
+    """A safetensors error (truncated download, cut copy, garbage) re-raised naming the file."""
+    try:
+        yield
+    except SafetensorError as err:
+        size = os.path.getsize(file) if os.path.exists(file) else 0
+        raise ValueError(
+            f"{file} is truncated/corrupt: {err} ({size} bytes on disk). Expected a complete "
+            "safetensors file; download or export the checkpoint again."
+        ) from err
+
+
+def _read_json_file(file: str, what: str) -> Any:
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} ({what}) is truncated/corrupt: not valid JSON ({err}).") from err
+
+
 def _checkpoint_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+        data = _read_json_file(index, "the index of the weight shards")
+        if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
+            raise ValueError(f"{index} has no 'weight_map' mapping of tensor names to shard files.")
+        weight_map = data["weight_map"]
+        files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+        missing = [f for f in files if not os.path.exists(f)]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shard(s) that are not in {path!r}: {missing[:4]}.")
+        return files
     if os.path.exists(single):
         return [single]
     raise FileNotFoundError(
@@ -255,8 +283,9 @@ def read_config(path: str) -> tuple[ModelConfig, dict[str, Any]]:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"no config.json in {path!r}.")
-    with open(cfg_path) as f:
-        raw = json.load(f)
+    raw = _read_json_file(cfg_path, "the model config")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_path} must hold a JSON object (the model config), got {type(raw).__name__}.")  # noqa: TRY004
     return ModelConfig.from_hf(raw), raw
 
 
@@ -362,7 +391,7 @@ def load_hf(
             var.set_value(jnp.asarray(value))
 
     for file in _checkpoint_files(path):
-        with safe_open(file, framework="np") as f:
+        with _named_corruption(file), safe_open(file, framework="np") as f:
             for key in f.keys():
                 if key in by_key:
                     spec = by_key[key]
@@ -606,10 +635,28 @@ def save_tokenizer(tokenizer: Any, path: str | os.PathLike) -> None:
     save(str(path))
 
 
+# Files of which a tokenizer directory holds at least one (HF fast / slow tokenizers).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "tiktoken.model")
+
+
 def load_tokenizer(path: str):
-    """`transformers.AutoTokenizer.from_pretrained(path)` for a local directory only."""
+    """`transformers.AutoTokenizer.from_pretrained(path)` for a local directory only.
+
+    Raises:
+      FileNotFoundError: ``path`` is not a directory, or holds none of ``TOKENIZER_FILES``
+        (naming the directory, what it holds and what was expected).
+    """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer path {path!r} is not a local directory.")
+    if not any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        present = sorted(os.listdir(path))
+        held = f"holds only {present[:10]}{' ...' if len(present) > 10 else ''}" if present else "is empty"
+        raise FileNotFoundError(
+            f"tokenizer directory {path!r} {held}; expected tokenizer files: tokenizer.json and/or "
+            "tokenizer_config.json (a fast tokenizer), or a vocabulary such as tokenizer.model / "
+            "vocab.json + merges.txt / vocab.txt. Save them with tokenizer.save_pretrained(path)."
+        )
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, local_files_only=True)

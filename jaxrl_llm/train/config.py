@@ -94,7 +94,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or err
+            raise ValueError(
+                f"override {item!r}: the value {raw!r} is not valid YAML ({problem}); quote it "
+                "(key='\"text\"') or fix the brackets"
+            ) from err
         node = data
         parts = key.replace("-", "_").split(".")
         for part in parts[:-1]:
@@ -104,11 +111,31 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _read_yaml(path: Path) -> Any:
+    """Parses YAML file ``path``; a syntax error names the file, line and column."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"config file {path}, line {line}: not valid UTF-8 ({err.reason}); expected UTF-8 text.") from err
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(x) for x in (getattr(err, "context", None), getattr(err, "problem", None)) if x)
+        raise ValueError(
+            f"config file {path}{where}: not valid YAML ({problem or err}); expected a YAML mapping "
+            "of config fields (key: value, nested by indentation with spaces)."
+        ) from err
+
+
 def load_config_dict(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> dict:
     """YAML file (optional) + ``key=value`` overrides → a plain dict (not yet typed)."""
     data: dict = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text())
+        loaded = _read_yaml(Path(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
         data = loaded or {}

@@ -41,6 +41,7 @@ from jaxrl_llm.data.preferences import (
     PreferenceLoader,
     collate_pairs,
     is_kwise,
+    preference_label,
 )
 from jaxrl_llm.data.records import load_records
 from jaxrl_llm.data.tokenization import pad_id
@@ -164,12 +165,11 @@ def _orient_pairs(records: Sequence[Mapping[str, Any]]) -> tuple[list[dict], int
     """Drops pairwise ties (label 0.5) and swaps pairs whose label says rejected is
     preferred (label < 0.5); k-wise records pass unchanged. Returns (records, ties, swapped)."""
     out, ties, swapped = [], 0, 0
-    for rec in records:
-        label = rec.get("label")
-        if is_kwise(rec) or label is None:
+    for index, rec in enumerate(records):
+        if is_kwise(rec) or rec.get("label") is None:
             out.append(dict(rec))
             continue
-        label = float(label)
+        label = preference_label(rec, index)
         if label == 0.5:
             ties += 1
             continue
@@ -557,6 +557,11 @@ def _load_or_compute_cache(reference: nnx.Module, loader: PreferenceLoader, conf
     return cache
 
 
+def _tie_half_accuracy(chosen: jax.Array, rejected: jax.Array) -> jax.Array:
+    """1 where chosen scores higher, 0 where lower, 0.5 for an exact tie."""
+    return jnp.where(chosen > rejected, 1.0, jnp.where(chosen == rejected, 0.5, 0.0)).astype(jnp.float32)
+
+
 def evaluate(
     config: DPOConfig,
     *,
@@ -575,7 +580,10 @@ def evaluate(
       pair means of ``reward_accuracy``, ``reward_margin``, ``chosen_reward``,
       ``rejected_reward`` and ``logp_accuracy``: the fraction of pairs where the policy
       alone gives the chosen response a higher log-prob (length-normalised when
-      configured) than the rejected one; and ``num_pairs``.
+      configured) than the rejected one; ``ties``: the fraction of pairs whose implicit
+      reward margin is exactly 0 (every pair when the policy is the reference); and
+      ``num_pairs``. A tie counts 0.5 in both accuracies (a coin flip, as a tie is
+      scored elsewhere), not as a wrong preference, so the reference model scores 0.5.
     """
     b = config.batch_size
     placement = make_placement(config.mesh, policy, {"batch_size": b})
@@ -594,8 +602,9 @@ def evaluate(
         norm = jnp.maximum(lengths, 1.0) if config.length_normalize else 1.0
         pc, pr = jnp.split(sums / norm, 2)
         rc, rr = jnp.split(config.beta * (sums - ref) / norm, 2)
-        return {"reward_accuracy": (rc > rr).astype(jnp.float32), "reward_margin": rc - rr,
-                "chosen_reward": rc, "rejected_reward": rr, "logp_accuracy": (pc > pr).astype(jnp.float32)}
+        return {"reward_accuracy": _tie_half_accuracy(rc, rr), "reward_margin": rc - rr, "chosen_reward": rc,
+                "rejected_reward": rr, "logp_accuracy": _tie_half_accuracy(pc, pr),
+                "ties": (rc == rr).astype(jnp.float32)}
 
     values: dict[str, list] = {}
     for chunk, n in _fixed_batches(loader.items, b):

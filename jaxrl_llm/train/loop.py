@@ -1,6 +1,8 @@
 """The loop core every trainer shares: output folder with the resolved config, resume
-from the latest checkpoint, per-step metric logging, periodic checkpoints, and the
-non-finite guard.
+from the latest checkpoint that restores (a damaged one is skipped with a warning and
+moved aside, see ``Checkpointer.restore_latest``), per-step metric logging, periodic
+checkpoints, the non-finite guard, and SIGTERM / SIGINT handling (at once during
+start-up; after checkpointing the current step once steps run).
 
 A trainer reads like the algorithm::
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import numbers
 import os
 import signal
 import threading
@@ -49,8 +52,10 @@ from jaxrl_llm.train.metrics import MetricsLogger, read_metrics
 from jaxrl_llm.train.storage import (
     check_clearable,
     check_free_space,
+    checkpoint_steps,
     clear_run_outputs,
     describe_run_outputs,
+    prepare_checkpoint_dir,
     prepare_output_dir,
     tree_nbytes,
 )
@@ -92,10 +97,11 @@ class RunConfig:
     Attributes:
       output_dir: where config.yaml, metrics.jsonl, checkpoints/ and the export go.
       total_steps: number of optimizer iterations.
-      seed: seeds parameter init, data order and sampling.
+      seed: seeds parameter init, data order and sampling (an int >= 0).
       checkpoint_every: save every N steps (0: only at the end).
       keep_checkpoints: keep the last N checkpoints.
-      resume: continue the run in output_dir from its latest checkpoint; its saved
+      resume: continue the run in output_dir from its latest checkpoint that restores
+        (damaged newer ones are skipped, logged and moved aside); its saved
         config.yaml must match the current config except ``RESUMABLE_FIELDS`` (each other
         differing field is named in the error).
       overwrite: delete the run outputs already in output_dir (config.yaml, metrics,
@@ -124,6 +130,11 @@ class RunConfig:
     def __post_init__(self):
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
+            raise ValueError(
+                f"run.seed must be an int >= 0 (it seeds parameter init, data order and "
+                f"sampling), got {self.seed!r}"
+            )
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.keep_checkpoints < 1:
@@ -156,6 +167,20 @@ class TrainLoop:
     def __init__(self, config: Any, run: RunConfig, desc: str = "train"):
         self.run = run
         self.is_writer = jax.process_index() == 0
+        self.output_dir = Path(run.output_dir)
+        self._stop_signal: int | None = None
+        self._previous_handlers: dict = {}
+        self._stepping = False  # True from the first end_step: signals then wait for the step
+        # From here on SIGTERM / SIGINT end start-up (loading, restoring, compiling) at once
+        # with TrainingInterrupted; once steps run, they finish the step and checkpoint.
+        self._install_signal_handlers()
+        try:
+            self._setup(config, run, desc)
+        except BaseException:
+            self._restore_signal_handlers()
+            raise
+
+    def _setup(self, config: Any, run: RunConfig, desc: str) -> None:
         # Fail before any compute when the folder cannot be written (StorageError).
         self.output_dir = prepare_output_dir(run.output_dir)
         config_path = self.output_dir / "config.yaml"
@@ -183,14 +208,15 @@ class TrainLoop:
                     logger.info("run.overwrite: cleared %s; kept other files %s", self.output_dir, kept)
             save_config(config, config_path)
         _sync_processes("jaxrl_llm.TrainLoop.ready")
-        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", max_to_keep=run.keep_checkpoints)
+        # checkpoints/ may be a link to another disk: probe it too, before any compute.
+        checkpoints_dir = prepare_checkpoint_dir(self.output_dir / "checkpoints")
+        self.checkpointer = Checkpointer(checkpoints_dir, max_to_keep=run.keep_checkpoints)
         self.guard = NonFiniteGuard(run.max_consecutive_nonfinite)
         self.history: list[dict] = []
         self.meta: dict = {}
+        self.skipped_checkpoints: list[tuple[int, str]] = []
         self._desc = desc
         self._logger: MetricsLogger | None = None
-        self._stop_signal: int | None = None
-        self._previous_handlers: dict = {}
 
     def _check_resumable(self, config: Any, config_path: Path) -> list[tuple[str, Any, Any]]:
         """The config differences from the saved config.yaml (the run being resumed);
@@ -221,21 +247,35 @@ class TrainLoop:
         return self.output_dir / "metrics.jsonl"
 
     def start(self, init_state: Any) -> tuple[Any, int]:
-        """Returns (state, first step). Restores the latest checkpoint when resuming;
-        otherwise starts fresh (an existing metrics.jsonl is replaced)."""
+        """Returns (state, first step). Restores the latest checkpoint that restores when
+        resuming (damaged newer ones are skipped, logged and moved aside, see
+        ``Checkpointer.restore_latest``); otherwise starts fresh (an existing metrics.jsonl
+        is replaced). Metric rows logged after the restored checkpoint are dropped."""
+        try:
+            return self._start(init_state)
+        except BaseException:
+            self._restore_signal_handlers()
+            raise
+
+    def _start(self, init_state: Any) -> tuple[Any, int]:
         state, start = init_state, 0
-        check_free_space(self.output_dir, tree_nbytes(init_state))
-        latest = self.checkpointer.latest_step() if self.run.resume else None
-        if latest is not None:
+        nbytes = tree_nbytes(init_state)
+        check_free_space(self.output_dir, nbytes)
+        checkpoints_dir = self.checkpointer.directory
+        if _device_of(checkpoints_dir) != _device_of(self.output_dir):  # checkpoints/ on another disk
+            check_free_space(checkpoints_dir, nbytes, name="checkpoint folder")
+        step = None
+        if self.run.resume:
             try:
-                state, self.meta = self.checkpointer.restore(init_state, latest)
+                restored, meta, step, self.skipped_checkpoints = self.checkpointer.restore_latest(init_state)
             except CheckpointMismatchError as err:
                 raise CheckpointMismatchError(f"{err}{self._config_changes()}") from err
+        if step is not None:
+            state, self.meta, start = restored, meta, step
             self.guard.load_state_dict(self.meta.get("guard", {}))
-            start = latest
             # Steps logged after the checkpoint are re-run: drop their lines.
             old = read_metrics(self.metrics_path, allow_partial_last_line=True) if self.metrics_path.exists() else []
-            self.history = [row for row in old if row["step"] < start]
+            self.history = [row for row in old if _row_step(row, self.metrics_path) < start]
             if self.is_writer:
                 self._rewrite_metrics(self.history)
         elif self.metrics_path.exists() and self.is_writer:
@@ -249,7 +289,6 @@ class TrainLoop:
             desc=self._desc,
             write=self.is_writer,
         )
-        self._install_signal_handlers()
         return state, start
 
     def _config_changes(self) -> str:
@@ -262,16 +301,41 @@ class TrainLoop:
         )
 
     def _install_signal_handlers(self) -> None:
-        """SIGTERM / SIGINT (pre-emption, Ctrl-C) finish the current step, write a
-        checkpoint, then stop with ``TrainingInterrupted`` — no completed step is lost."""
+        """SIGTERM / SIGINT (pre-emption, Ctrl-C).
+
+        During start-up (until the first ``end_step``: loading, restoring, compiling) there
+        is nothing new to save: the run stops at once with ``TrainingInterrupted``. Once
+        steps run, the current step finishes, a checkpoint is written, then the run stops
+        with ``TrainingInterrupted`` — no completed step is lost. A second signal while
+        that stop is pending stops at once (the last complete checkpoint stays intact).
+        """
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
 
-        def request_stop(signum, frame):
+        def on_signal(signum, frame):
+            name = signal.Signals(signum).name
+            if not self._stepping:
+                self._restore_signal_handlers()
+                raise TrainingInterrupted(
+                    f"stopped by signal {name} during start-up (loading, restoring or compiling), "
+                    f"before the first step; nothing was lost: {self._resume_hint()}"
+                )
+            if self._stop_signal is not None:
+                self._restore_signal_handlers()
+                raise TrainingInterrupted(
+                    f"stopped by a second signal {name} without finishing the step in progress; "
+                    f"{self._resume_hint()}"
+                )
             self._stop_signal = signum
 
         for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous_handlers[sig] = signal.signal(sig, request_stop)
+            self._previous_handlers[sig] = signal.signal(sig, on_signal)
+
+    def _resume_hint(self) -> str:
+        steps = checkpoint_steps(self.output_dir / "checkpoints")
+        if steps:
+            return f"the latest checkpoint is step {steps[-1]} in {self.output_dir / 'checkpoints'} (resume with run.resume=true)"
+        return f"no checkpoint was written yet in {self.output_dir} (run again to start)"
 
     def _restore_signal_handlers(self) -> None:
         for sig, handler in self._previous_handlers.items():
@@ -290,6 +354,15 @@ class TrainLoop:
         which is where a resumed run starts.
         """
         assert self._logger is not None, "call start() first"
+        self._stepping = True
+        try:
+            return self._end_step(step, state, metrics, finite, meta)
+        except BaseException:
+            self._restore_signal_handlers()
+            raise
+
+    def _end_step(self, step: int, state: Any, metrics: dict, finite: bool, meta: dict | None) -> dict:
+        self.checkpointer.check_for_errors()  # a failed background save stops the run now
         self.guard.update(finite, step)
         row = self._logger.log(step, {**metrics, "skipped_updates": self.guard.total_skipped})
         self.history.append(row)
@@ -346,6 +419,21 @@ def _sync_processes(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def _device_of(path: Path) -> int | None:
+    """The file system (st_dev) holding ``path`` (following links), None if unknown."""
+    try:
+        return os.stat(path).st_dev
+    except OSError:
+        return None
+
+
+def _row_step(row: dict, path: Path) -> int:
+    step = row.get("step")
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise ValueError(f"{path}: the row {json.dumps(row)[:200]} has no integer 'step'; expected one row per step")  # noqa: TRY004
+    return step
 
 
 def _plain(value: Any) -> Any:

@@ -100,21 +100,32 @@ def read_metrics(path: str | os.PathLike, *, allow_partial_last_line: bool = Fal
 
     Args:
       allow_partial_last_line: drop a last line that does not parse (a process killed
-        while writing it) instead of raising; used when resuming.
+        while writing it, or the NUL bytes some file systems leave after a crash) instead
+        of raising; used when resuming.
 
     Raises:
-      ValueError: a line that is not JSON, naming the file and the line number.
+      ValueError: a line that is not a JSON object (or not UTF-8), naming the file and the
+        line number; with ``allow_partial_last_line`` only for lines before the last.
     """
-    lines = Path(path).read_text().splitlines()
+    lines = Path(path).read_bytes().split(b"\n")
+    while lines and not lines[-1].strip(b" \t\r\x00"):
+        lines.pop()  # the newline after the last row, or a NUL-filled tail
     rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
+            row = json.loads(raw.decode("utf-8"))
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, expected an object like {{\"step\": 0, ...}}")  # noqa: TRY004 - caught below
+        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             if allow_partial_last_line and number == len(lines):
-                logger.warning("%s: dropped a half-written last line (%d characters): %s", path, len(line), err)
+                logger.warning("%s: dropped a half-written last line (%d bytes): %s", path, len(raw), err)
                 break
-            raise ValueError(f"{path}, line {number}: not a JSON object ({err})") from err
+            hint = (
+                " Only a half-written last line (a kill mid-write) is repaired on resume; fix or "
+                "delete this line." if allow_partial_last_line else ""
+            )
+            raise ValueError(f"{path}, line {number}: not a JSON object ({err}).{hint}") from err
+        rows.append(row)
     return rows

@@ -3,8 +3,10 @@ and what of a run it already holds (``describe_run_outputs``), cleared for
 ``run.overwrite`` (``clear_run_outputs``: only what a run writes).
 
 A run that cannot write its checkpoints should fail in the first second, not after an
-hour of training: `TrainLoop` calls `prepare_output_dir` before any compute and
-`check_free_space` with the size of the training state before the first step.
+hour of training: `TrainLoop` calls `prepare_output_dir` (the run folder) and
+`prepare_checkpoint_dir` (its ``checkpoints/``, which may be a link to another disk)
+before any compute, and `check_free_space` on both with the size of the training state
+before the first step.
 """
 
 from __future__ import annotations
@@ -37,6 +39,28 @@ def _format_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _probe_writable(path: Path, name: str, purpose: str) -> None:
+    """Writes, fsyncs and deletes a probe file in ``path``; ``StorageError`` naming
+    ``name`` (how the user knows the folder) and the OS reason when that fails."""
+    probe = path / f"{_PROBE_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    try:
+        # fsync so that a full or read-only disk fails here, not on the first checkpoint.
+        with open(probe, "wb") as f:
+            f.write(b"jaxrl_llm write probe\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise StorageError(
+            f"{name}={str(path)!r} is not writable: {err.strerror or err}. {purpose}; pick "
+            "another directory or fix its permissions / free space."
+        ) from err
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 def prepare_output_dir(output_dir: str | os.PathLike) -> Path:
     """Creates ``output_dir`` and proves it is writable (write + fsync + delete a probe).
 
@@ -52,21 +76,28 @@ def prepare_output_dir(output_dir: str | os.PathLike) -> Path:
             f"run.output_dir={str(path)!r} cannot be created: {err.strerror or err}. "
             "Expected a writable directory (or a path where one can be created)."
         ) from err
-    probe = path / f"{_PROBE_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    _probe_writable(path, "run.output_dir", "Checkpoints, metrics and config.yaml are written there")
+    return path
+
+
+def prepare_checkpoint_dir(checkpoints_dir: str | os.PathLike) -> Path:
+    """Creates the run's ``checkpoints/`` folder (or follows its link) and proves it is
+    writable, like `prepare_output_dir`: it may live on another disk than the run folder
+    (a symlink), and a checkpoint that cannot be written should fail before any compute.
+
+    Raises:
+      StorageError: naming the checkpoint folder and the OS reason.
+    """
+    path = Path(checkpoints_dir)
     try:
-        # fsync so that a full or read-only disk fails here, not on the first checkpoint.
-        with open(probe, "wb") as f:
-            f.write(b"jaxrl_llm write probe\n")
-            f.flush()
-            os.fsync(f.fileno())
+        # a link to a folder not created yet: create its target
+        (path.resolve() if path.is_symlink() else path).mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise StorageError(
-            f"run.output_dir={str(path)!r} is not writable: {err.strerror or err}. "
-            "Checkpoints, metrics and config.yaml are written there; pick another directory "
-            "or fix its permissions / free space."
+            f"checkpoint folder {str(path)!r} cannot be created: {err.strerror or err}. Expected a "
+            "writable directory (a link to one is fine); checkpoints are written there."
         ) from err
-    finally:
-        probe.unlink(missing_ok=True)
+    _probe_writable(path, "checkpoint folder", "Every checkpoint is written there")
     return path
 
 
@@ -86,12 +117,18 @@ def tree_nbytes(tree: Any) -> int:
 
 
 def check_free_space(
-    output_dir: str | os.PathLike, state_bytes: int, headroom: float = CHECKPOINT_HEADROOM
+    output_dir: str | os.PathLike,
+    state_bytes: int,
+    headroom: float = CHECKPOINT_HEADROOM,
+    name: str = "run.output_dir",
 ) -> None:
     """Fails early when ``output_dir``'s disk cannot hold one more checkpoint.
 
     Needed = ``headroom`` × ``state_bytes`` (the params + optimizer state + RNG + ... pytree
     that each checkpoint stores).
+
+    Args:
+      name: how the error names the folder (``"run.output_dir"``, ``"checkpoint folder"``).
 
     Raises:
       StorageError: naming ``output_dir``, the bytes needed and the bytes free.
@@ -100,7 +137,7 @@ def check_free_space(
     free = shutil.disk_usage(output_dir).free
     if free < needed:
         raise StorageError(
-            f"run.output_dir={str(output_dir)!r} has {_format_bytes(free)} free but a "
+            f"{name}={str(output_dir)!r} has {_format_bytes(free)} free but a "
             f"checkpoint needs about {_format_bytes(needed)} ({headroom:g} x the "
             f"{_format_bytes(state_bytes)} training state). Free some space or choose "
             "another output_dir."
@@ -161,6 +198,21 @@ def checkpoint_steps(checkpoints_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in checkpoints_dir.iterdir() if p.name.isdigit() and p.is_dir())
 
 
+# A damaged checkpoint skipped on resume is renamed ``<step>.damaged-<time>`` (evidence kept;
+# orbax's step listing, which wants a bare number, ignores it).
+DAMAGED_MARKER = ".damaged-"
+
+
+def damaged_checkpoints(checkpoints_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoints moved aside as damaged in ``checkpoints_dir``."""
+    checkpoints_dir = Path(checkpoints_dir)
+    if not checkpoints_dir.is_dir():
+        return []
+    return sorted(
+        p for p in checkpoints_dir.iterdir() if DAMAGED_MARKER in p.name and p.name.split(".", 1)[0].isdigit()
+    )
+
+
 def _count_lines(path: Path) -> int:
     with open(path, "rb") as f:
         return sum(1 for line in f if line.strip())
@@ -178,7 +230,11 @@ def describe_run_outputs(output_dir: str | os.PathLike) -> list[str]:
         name = entry.name
         if name == "checkpoints" and entry.is_dir() and not entry.is_symlink():
             steps = checkpoint_steps(entry)
-            out.append(f"checkpoints at steps {steps}" if steps else "checkpoints/ (no complete checkpoint)")
+            text = f"checkpoints at steps {steps}" if steps else "checkpoints/ (no complete checkpoint)"
+            damaged = damaged_checkpoints(entry)
+            if damaged:
+                text += f" (+ {len(damaged)} damaged, moved aside: {', '.join(p.name for p in damaged)})"
+            out.append(text)
         elif name == "metrics.jsonl" and entry.is_file():
             rows = _count_lines(entry)
             out.append(f"metrics.jsonl with {rows} row{'s' if rows != 1 else ''}")
