@@ -278,6 +278,11 @@ def run(argv: list[str] | None = None) -> int:
         command = next((a for a in argv if not a.startswith("-")), "")
         print(f"jaxrl-llm {command}: error: {err}\n(run again with --debug for the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the training loop took over the signal
+        if debug:
+            raise
+        print("jaxrl-llm: interrupted before training started; nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

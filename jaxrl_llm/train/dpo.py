@@ -50,7 +50,7 @@ from jaxrl_llm.train.guard import apply_if_finite
 from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
-from jaxrl_llm.train.policy import SplitModel, make_placement, placed_model, split_model
+from jaxrl_llm.train.policy import SplitModel, check_tokenizer_fits, make_placement, placed_model, split_model
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ def sequence_logprobs(model: nnx.Module, batch: Mapping[str, jax.Array], chunk_s
     """
     out = model.forward(batch["tokens"], attention_mask=batch["attention_mask"], return_hidden=True)
     logp, _ = ops.logprobs_from_hidden(out.hidden[:, :-1], model.unembed, batch["tokens"][:, 1:],
-                                       chunk_size=chunk_size)
+                                       chunk_size=chunk_size, mask=batch["mask"][:, 1:])
     mask = batch["mask"][:, 1:]
     sums = ops.masked_sum(logp, mask, axis=-1)
     lengths = jnp.sum(mask, axis=-1)
@@ -485,6 +485,8 @@ def train(
       ``reference_logprobs.npz``.
     """
     # Every split array holds 2B rows (chosen then rejected): B dividing data × fsdp suffices.
+    check_tokenizer_fits(policy, tokenizer)
+    check_tokenizer_fits(reference, tokenizer)
     placement = make_placement(config.mesh, policy, {"batch_size": config.batch_size})
     model = placed_model(policy, placement)
     loader, data_stats = make_preference_loader(config, tokenizer, preferences)
@@ -586,6 +588,8 @@ def evaluate(
       scored elsewhere), not as a wrong preference, so the reference model scores 0.5.
     """
     b = config.batch_size
+    check_tokenizer_fits(policy, tokenizer)
+    check_tokenizer_fits(reference, tokenizer)
     placement = make_placement(config.mesh, policy, {"batch_size": b})
     model = placed_model(policy, placement)
     loader, _ = make_preference_loader(config, tokenizer, preferences, shuffle=False)
