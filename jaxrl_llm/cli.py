@@ -281,7 +281,7 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C before the training loop took over the signal
         if debug:
             raise
-        print("jaxrl-llm: interrupted before training started; nothing was written", file=sys.stderr)
+        print("jaxrl-llm: interrupted before training started", file=sys.stderr)
         return 130
 
 
