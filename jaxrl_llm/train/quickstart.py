@@ -77,7 +77,8 @@ def run(preset: str = "grpo", out: str = "results", quick: bool = False, seed: i
     model = CausalLM(tiny_config("llama", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                                  num_kv_heads=2, head_dim=16), rngs=nnx.Rngs(seed))
     sft_config = sft.SFTConfig(
-        run=RunConfig(output_dir=str(out_dir / "sft"), total_steps=sft_steps, seed=seed, progress=not quick),
+        run=RunConfig(output_dir=str(out_dir / "sft"), total_steps=sft_steps, seed=seed, progress=not quick,
+                      overwrite=True),
         optim=OptimConfig(learning_rate=3e-3, warmup_steps=5), batch_size=32, max_len=16)
     examples = [{"prompt": d["prompt"], "response": d["answer"]} for d in train_prompts]
     model = sft.train(sft_config, policy=model, tokenizer=tokenizer, examples=examples).model
@@ -88,7 +89,8 @@ def run(preset: str = "grpo", out: str = "results", quick: bool = False, seed: i
     # GRPO-family RL on the 0/1 exact-answer reward
     rl_config = grpo.GRPOConfig.preset(
         preset,
-        run=RunConfig(output_dir=str(out_dir / preset), total_steps=rl_steps, seed=seed, progress=not quick),
+        run=RunConfig(output_dir=str(out_dir / preset), total_steps=rl_steps, seed=seed, progress=not quick,
+                      overwrite=True),
         optim=OptimConfig(learning_rate=7e-4), prompts_per_step=16, group_size=8, max_prompt_len=8,
         max_new_tokens=4, temperature=1.0)
     result = grpo.train(rl_config, policy=model, tokenizer=tokenizer, prompts=train_prompts, reward_fn=arithmetic_reward)
