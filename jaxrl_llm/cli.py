@@ -18,8 +18,9 @@ SLURM, on a TPU pod slice or with ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCES
 ``JAX_PROCESS_ID`` set, it starts JAX's multi-process runtime), and ``mesh.data=…
 mesh.fsdp=… mesh.tensor=…`` choose the device mesh of the run.
 
-``jaxrl-llm grpo`` with no inputs runs the built-in quick-start (tiny model, SFT warm
-start, RL on single-digit addition).
+``jaxrl-llm grpo`` with no inputs runs the built-in quick-start (a tiny model learns
+single-digit addition: SFT on half-wrong demonstrations, then RL with an exact-answer
+reward; ``--seed`` picks the seed).
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def _grpo(args: argparse.Namespace) -> int:
     if args.policy is None and args.data is None:
         from jaxrl_llm.train import quickstart
 
-        summary = quickstart.run(args.preset, args.out, args.quick)
+        summary = quickstart.run(args.preset, args.out, args.quick, args.seed)
         print(json.dumps(summary, indent=2))
         return 0
     _require(args, "policy", "tokenizer", "data")
@@ -236,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reward", action="append", help=REWARD_HELP)
     g.add_argument("--out", default="results", help="quick-start output root (no --policy/--data)")
     g.add_argument("--quick", action="store_true", help="quick-start: a few steps only")
+    g.add_argument("--seed", type=int, default=0, help="quick-start seed (data split, model, sampling)")
     stage("dpo", _dpo, "DPO / cDPO / robust / IPO / hinge on prompt/chosen/rejected records")
     r = stage("rft", _rft, "rejection-sampling fine-tuning with a reward function")
     r.add_argument("--reward", action="append", help=REWARD_HELP)

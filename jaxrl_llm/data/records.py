@@ -52,7 +52,9 @@ def _utf8_error(path: Path, data: bytes, err: UnicodeDecodeError, line: int | No
     )
 
 
-def _read_jsonl(path: Path) -> list:
+def read_jsonl(path: Path) -> list:
+    """The JSON value of every non-blank line of ``path``; a line that is not UTF-8 or
+    not JSON is a ValueError naming the file and the line."""
     rows = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -129,7 +131,7 @@ def _read_source(source, split: str | None) -> list:
             raise ValueError(f"split={split!r} given but {path} is a single {fmt} file.")
         if fmt == "json":
             return _read_json(path, split)
-        return _read_jsonl(path) if fmt == "jsonl" else _read_parquet(path)
+        return read_jsonl(path) if fmt == "jsonl" else _read_parquet(path)
     if hasattr(source, "to_list") or (hasattr(source, "keys") and hasattr(source, "column_names")):
         return _from_hf(source, split, type(source).__name__)
     if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):

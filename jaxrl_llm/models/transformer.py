@@ -44,6 +44,7 @@ from jaxrl_llm.ops.checks import (
     check_mask,
     check_rank,
     check_same_shape,
+    check_token_ids,
 )
 
 Array = jax.Array
@@ -449,6 +450,8 @@ class Transformer(nnx.Module):
             attention_mask = jnp.ones((b, t), jnp.bool_)
         check_same_shape(tokens=tokens, attention_mask=attention_mask)
         check_mask(attention_mask=attention_mask)
+        # concrete (eager) calls only: an id past the table would embed as NaN, silently
+        check_token_ids(config.vocab_size, mask=attention_mask, tokens=tokens)
         if cache is not None:
             check_leading_dim("tokens", tokens, **{"cache (batch size)": cache.valid})
         token_valid = attention_mask.astype(jnp.bool_)

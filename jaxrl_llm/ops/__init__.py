@@ -29,6 +29,7 @@ from jaxrl_llm.ops.preference_losses import (
     bradley_terry_loss,
     dpo_loss,
     plackett_luce_loss,
+    tie_half_accuracy,
 )
 from jaxrl_llm.ops.rewards import overlong_penalty, sequence_logprobs
 from jaxrl_llm.ops.supervised import sft_loss
@@ -59,6 +60,7 @@ __all__ = [
     "rloo_advantages",
     "sequence_logprobs",
     "sft_loss",
+    "tie_half_accuracy",
     "shape_token_rewards",
     "token_logprobs",
     "value_loss",

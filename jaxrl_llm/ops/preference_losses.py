@@ -51,8 +51,9 @@ def dpo_loss(
       label_smoothing: ε in [0, 0.5) (sigmoid and robust only).
 
     Returns:
-      (loss, metrics) with ``reward_accuracy``, ``reward_margin``, ``chosen_reward``,
-      ``rejected_reward`` (implicit rewards β·(pi − ref)).
+      (loss, metrics) with ``reward_accuracy`` (1 per pair whose chosen implicit reward
+      β·(pi − ref) is higher, 0.5 per exact tie, as at π = π_ref), ``ties`` (fraction of
+      exact ties), ``reward_margin``, ``chosen_reward``, ``rejected_reward``.
     """
     if kind not in DPO_KINDS:
         raise ValueError(f"kind must be one of {DPO_KINDS}, got {kind!r}")
@@ -84,12 +85,22 @@ def dpo_loss(
     chosen_reward = jax.lax.stop_gradient(beta * chosen_logratio)
     rejected_reward = jax.lax.stop_gradient(beta * rejected_logratio)
     metrics = {
-        "reward_accuracy": jnp.mean((chosen_reward > rejected_reward).astype(jnp.float32)),
+        "reward_accuracy": jnp.mean(tie_half_accuracy(chosen_reward, rejected_reward)),
+        "ties": jnp.mean((chosen_reward == rejected_reward).astype(jnp.float32)),
         "reward_margin": jnp.mean(chosen_reward - rejected_reward),
         "chosen_reward": jnp.mean(chosen_reward),
         "rejected_reward": jnp.mean(rejected_reward),
     }
     return jnp.mean(losses), metrics
+
+
+def tie_half_accuracy(chosen: chex.Array, rejected: chex.Array) -> chex.Array:
+    """[B] float32: 1 where ``chosen`` scores higher, 0 where lower, 0.5 for an exact tie.
+
+    A tie is no preference either way: counting it wrong would report accuracy 0 for the
+    reference policy itself (every implicit reward is 0 there), where chance is 0.5.
+    """
+    return jnp.where(chosen > rejected, 1.0, jnp.where(chosen == rejected, 0.5, 0.0)).astype(jnp.float32)
 
 
 def bradley_terry_loss(

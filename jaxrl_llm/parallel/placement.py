@@ -77,6 +77,20 @@ class MeshConfig:
             isinstance(self.num_devices, bool) or not isinstance(self.num_devices, int) or self.num_devices < 1
         ):
             raise ValueError(f"mesh.num_devices: expected a positive int or None (all devices), got {self.num_devices!r}")
+        if self.num_devices is not None:  # the mesh runs on exactly num_devices devices (or fails to start)
+            sizes = self._sizes()
+            fixed = math.prod(s for s in sizes.values() if s != -1)
+            names = " × ".join(f"mesh.{a}" for a in MESH_AXES)
+            if -1 not in sizes.values() and fixed != self.num_devices:
+                raise ValueError(
+                    f"mesh.num_devices={self.num_devices}, but {names} = "
+                    f"{' × '.join(str(sizes[a]) for a in MESH_AXES)} = {fixed}: the sizes must multiply to "
+                    "mesh.num_devices (or set one of them to -1)")
+            if self.num_devices % fixed:
+                free = next(a for a in MESH_AXES if sizes[a] == -1)
+                raise ValueError(
+                    f"mesh.num_devices={self.num_devices} is not divisible by {fixed}, the product of the sizes "
+                    f"other than mesh.{free}=-1 ({self._describe()})")
 
     @property
     def is_default(self) -> bool:

@@ -33,6 +33,7 @@ from jaxrl_llm.data.tokenization import decode_ids, eos_id, pad_id
 from jaxrl_llm.parallel.placement import MeshConfig
 from jaxrl_llm.rollout.sampler import apply_stop_strings, generate
 from jaxrl_llm.train.policy import make_placement, placed_model
+from jaxrl_llm.train.validation import check_int_field, check_positive_ints, check_real, check_sampling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,17 +86,17 @@ class CandidateConfig:
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
-        for name in ("num_candidates", "batch_size", "max_prompt_len", "max_new_tokens", "ngram_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_positive_ints(self, ("num_candidates", "batch_size", "max_prompt_len", "max_new_tokens", "ngram_size"))
         if self.overlong_prompts not in OVERLONG_PROMPT_POLICIES:
             raise ValueError(f"overlong_prompts must be one of {OVERLONG_PROMPT_POLICIES}, got {self.overlong_prompts!r}")
-        if self.min_length < 0:
-            raise ValueError(f"min_length must be >= 0, got {self.min_length}")
+        check_sampling(self, greedy_ok=True)
+        check_int_field("seed", self.seed, why="the sampling seed")
+        check_int_field("min_length", self.min_length, 0)
+        check_int_field("max_length", self.max_length, optional=True)
         if self.max_length is not None and self.max_length < self.min_length:
             raise ValueError(f"max_length must be None or >= min_length={self.min_length}, got {self.max_length}")
-        if self.max_ngram_repetition is not None and not 0.0 <= self.max_ngram_repetition < 1.0:
-            raise ValueError(f"max_ngram_repetition must be in [0, 1) or None, got {self.max_ngram_repetition}")
+        check_real("max_ngram_repetition", self.max_ngram_repetition, low=0, high=1, high_open=True, optional=True,
+                   why="the repeated-n-gram fraction above which a candidate is dropped")
 
 
 def ngram_repetition(tokens: Sequence[Any], n: int) -> float:

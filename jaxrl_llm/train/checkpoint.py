@@ -3,7 +3,9 @@ RNG, data position, controller state) as one pytree plus a JSON side-car; keep-l
 asynchronous, atomic (orbax writes to a temporary directory and renames on commit).
 
 Damage is told apart from a config mismatch. A checkpoint whose files are truncated,
-empty or missing (``CheckpointDamagedError``) is skipped by ``restore_latest``, which
+empty or missing, or whose arrays read back with other values than were saved (checked
+against checksums stored in the side-car, see ``checksums.py``: orbax keeps none)
+(``CheckpointDamagedError``) is skipped by ``restore_latest``, which
 falls back to the newest checkpoint that restores and moves the damaged ones aside
 (``<step>.damaged-<time>``: kept as evidence, invisible to orbax's step listing). A
 checkpoint that reads fine but holds another tree or other shapes
@@ -27,9 +29,13 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxrl_llm.train.checksums import checksum_mismatches, tree_checksums
 from jaxrl_llm.train.storage import DAMAGED_MARKER, StorageError, damaged_checkpoints  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
+
+# side-car key holding the state's checksums (``checksums.tree_checksums``)
+CHECKSUMS_KEY = "_state_checksums"
 
 # How long a failed asynchronous save may take to wind down its background threads before
 # they are abandoned (orbax would otherwise keep the process alive for its 300 s timeout).
@@ -368,11 +374,13 @@ class Checkpointer:
         _abandon_orbax_threads(self._operation_ids)
 
     def save(self, step: int, state: Any, meta: dict | None = None, force: bool = False) -> None:
+        """Writes ``state`` and the JSON ``meta`` (plus the state's checksums) as ``step``."""
+        meta = {**(meta or {}), CHECKSUMS_KEY: tree_checksums(state)}
         with _storage_errors(f"writing checkpoint {step}", self.directory, self._complete_steps, self._abandon):
             self._manager.save(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
                 ),
                 force=force,
             )
@@ -381,30 +389,54 @@ class Checkpointer:
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restores into the structure/dtypes/shardings of ``abstract_state``.
 
-        ``abstract_state`` may be the live initial state (its shapes are taken).
+        ``abstract_state`` may be the live initial state (its shapes are taken). With
+        several processes, every process must call it; they agree on the outcome (a read
+        that fails on one process is damage for all of them).
 
         Raises:
           CheckpointDamagedError: the checkpoint's files are damaged (names the file or
-            the read error).
+            the read error), or the arrays read back differ from the ones saved (their
+            checksums, kept in the side-car, do not match: bytes changed in place).
           CheckpointMismatchError: it reads, but holds another tree or other shapes.
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint found in {self.directory}")
-        problems = scan_step_dir(self.directory / str(step))
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        damage = None
+        try:
+            state, meta = self._read(step, target)
+        except CheckpointDamagedError as err:
+            damage = err
+        # Each process reads its own shards, so one may fail where the others succeed;
+        # all must take the same path (the checksums below are collective sums).
+        if not _all_processes_agree(damage is None):
+            raise damage or self._damaged_error(step, "damaged on another process (see that process's log)")
+        saved_checksums = meta.pop(CHECKSUMS_KEY, None)  # absent in checkpoints of older versions
+        if saved_checksums:
+            changed = checksum_mismatches(saved_checksums, state)
+            if changed:
+                raise self._damaged_error(
+                    step, f"the arrays read back differ from the ones saved (checksum mismatch in "
+                          f"{', '.join(changed)}): bytes of an array file were changed on disk")
+        return state, meta
+
+    def _read(self, step: int, target: Any) -> tuple[Any, dict]:
+        """This process's read of checkpoint ``step``: (state, meta with checksums).
+
+        Reads the items with orbax's handlers rather than ``CheckpointManager.restore``,
+        whose closing barrier would leave the other processes waiting when this one fails.
+        """
+        step_dir = self.directory / str(step)
+        problems = scan_step_dir(step_dir)
         if problems:
             raise self._damaged_error(step, "; ".join(problems))
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         # Compare shapes first: orbax's own error names neither the leaf nor the checkpoint,
         # and a failed restore leaves background reads behind.
         self._check_matches(step, target)
+        handler = ocp.StandardCheckpointHandler()
         try:
-            restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
-                ),
-            )
+            state = handler.restore(epath.Path(step_dir) / "state", args=ocp.args.StandardRestore(target))
         except Exception as err:
             reason = damage_reason(err)
             if reason is not None:
@@ -413,7 +445,10 @@ class Checkpointer:
             if isinstance(err, (ValueError, KeyError, TypeError)):
                 raise self._mismatch_error(step, [f"{type(err).__name__}: {str(err)[:500]}"]) from err
             raise
-        return restored["state"], dict(restored["meta"] or {})
+        finally:
+            handler.close()
+        meta = json.loads((step_dir / "meta" / "metadata").read_text())  # parsed by scan_step_dir already
+        return state, dict(meta or {})
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict, int | None, list[tuple[int, str]]]:
         """Restores the newest checkpoint that restores, skipping damaged ones.
@@ -433,13 +468,10 @@ class Checkpointer:
         """
         damaged: list[tuple[int, str]] = []
         for step in sorted(self.all_steps(), reverse=True):
-            reason = None
             try:
-                state, meta = self.restore(abstract_state, step)
+                state, meta = self.restore(abstract_state, step)  # the processes agree on the outcome
             except CheckpointDamagedError as err:
-                reason = err.damaged[0][1]
-            if not _all_processes_agree(reason is None):
-                damaged.append((step, reason or "damaged on another process"))
+                damaged.append((step, err.damaged[0][1]))
                 continue
             for bad_step, why in damaged:
                 moved = self.move_aside(bad_step, why)

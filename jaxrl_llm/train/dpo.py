@@ -51,6 +51,7 @@ from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
 from jaxrl_llm.train.policy import SplitModel, check_tokenizer_fits, make_placement, placed_model, split_model
+from jaxrl_llm.train.validation import check_int_field, check_positive_ints, check_real
 
 logger = logging.getLogger(__name__)
 
@@ -109,21 +110,17 @@ class DPOConfig:
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
-        for name in ("batch_size", "max_len", "logprob_chunk_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_len < 2:
-            raise ValueError(f"max_len must be >= 2 (a prompt and a response token), got {self.max_len}")
+        check_positive_ints(self, ("batch_size", "logprob_chunk_size"))
+        check_int_field("max_len", self.max_len, 2, why="a prompt and a response token")
         if self.loss_kind not in ops.DPO_KINDS:
             raise ValueError(f"loss_kind must be one of {ops.DPO_KINDS}, got {self.loss_kind!r}")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        check_real("beta", self.beta, low=0, low_open=True, why="β, the strength of the implicit KL constraint")
+        check_real("label_smoothing", self.label_smoothing, low=0, high=0.5, high_open=True,
+                   why="the assumed fraction of flipped labels; at 0.5 the preference carries no signal")
         if self.label_smoothing and self.loss_kind not in ("sigmoid", "robust"):
             raise ValueError(f"label_smoothing applies to loss_kind 'sigmoid' or 'robust', not {self.loss_kind!r}")
-        if self.sft_weight < 0 or self.moe_aux_coef < 0:
-            raise ValueError(f"sft_weight and moe_aux_coef must be >= 0, got {self.sft_weight}, {self.moe_aux_coef}")
+        for name in ("sft_weight", "moe_aux_coef"):
+            check_real(name, getattr(self, name), low=0, why="a loss weight; 0 turns the term off")
         if self.reference_free and self.precompute_reference:
             raise ValueError("reference_free and precompute_reference exclude each other (no reference to cache)")
         if self.overlong not in OVERLONG_PREFERENCE_POLICIES:
@@ -559,11 +556,6 @@ def _load_or_compute_cache(reference: nnx.Module, loader: PreferenceLoader, conf
     return cache
 
 
-def _tie_half_accuracy(chosen: jax.Array, rejected: jax.Array) -> jax.Array:
-    """1 where chosen scores higher, 0 where lower, 0.5 for an exact tie."""
-    return jnp.where(chosen > rejected, 1.0, jnp.where(chosen == rejected, 0.5, 0.0)).astype(jnp.float32)
-
-
 def evaluate(
     config: DPOConfig,
     *,
@@ -606,8 +598,8 @@ def evaluate(
         norm = jnp.maximum(lengths, 1.0) if config.length_normalize else 1.0
         pc, pr = jnp.split(sums / norm, 2)
         rc, rr = jnp.split(config.beta * (sums - ref) / norm, 2)
-        return {"reward_accuracy": _tie_half_accuracy(rc, rr), "reward_margin": rc - rr, "chosen_reward": rc,
-                "rejected_reward": rr, "logp_accuracy": _tie_half_accuracy(pc, pr),
+        return {"reward_accuracy": ops.tie_half_accuracy(rc, rr), "reward_margin": rc - rr, "chosen_reward": rc,
+                "rejected_reward": rr, "logp_accuracy": ops.tie_half_accuracy(pc, pr),
                 "ties": (rc == rr).astype(jnp.float32)}
 
     values: dict[str, list] = {}

@@ -49,6 +49,7 @@ from jaxrl_llm.train.policy import (
     split_model,
 )
 from jaxrl_llm.train.scoring import RewardScorer, resolve_reward, validate_reward_fields
+from jaxrl_llm.train.validation import check_int_field, check_policy_clip, check_positive_ints, check_real, check_sampling
 
 logger = logging.getLogger(__name__)
 
@@ -155,14 +156,10 @@ class GRPOConfig:
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
-        positive = ("prompts_per_step", "max_prompt_len", "max_new_tokens", "num_inner_updates",
-                    "minibatches", "max_sampling_rounds", "router_update_every", "logprob_chunk_size",
-                    "microbatches")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.group_size < 2:
-            raise ValueError(f"group_size must be >= 2 (group baselines need other samples), got {self.group_size}")
+        check_positive_ints(self, ("prompts_per_step", "max_prompt_len", "max_new_tokens", "num_inner_updates",
+                                   "minibatches", "max_sampling_rounds", "router_update_every",
+                                   "logprob_chunk_size", "microbatches"))
+        check_int_field("group_size", self.group_size, 2, why="group baselines need other samples")
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"advantage must be one of {ADVANTAGES}, got {self.advantage!r}")
         if self.policy_loss not in POLICY_LOSSES:
@@ -171,8 +168,13 @@ class GRPOConfig:
             raise ValueError(f"loss_agg must be one of {ops.AGGREGATION_MODES}, got {self.loss_agg!r}")
         if self.kl_kind not in ops.KL_KINDS:
             raise ValueError(f"kl_kind must be one of {ops.KL_KINDS}, got {self.kl_kind!r}")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        check_policy_clip(self.clip_low, self.clip_high, self.dual_clip)
+        if self.dual_clip is not None and self.policy_loss != "ppo":
+            raise ValueError(f"dual_clip={self.dual_clip} applies to policy_loss='ppo' only; "
+                             f"policy_loss={self.policy_loss!r} ignores it (set dual_clip=None)")
+        for name in ("kl_coef", "entropy_coef", "moe_aux_coef", "router_z_coef"):
+            check_real(name, getattr(self, name), low=0, why="a loss weight; 0 turns the term off")
+        check_int_field("norm_length", self.norm_length, 1, optional=True, why="None: max_new_tokens")
         if (self.prompts_per_step * self.group_size) % self.minibatches:
             raise ValueError(
                 f"prompts_per_step * group_size = {self.prompts_per_step * self.group_size} must be "
@@ -184,12 +186,19 @@ class GRPOConfig:
                 f"{self.prompts_per_step * self.group_size // self.minibatches} must be divisible by "
                 f"microbatches={self.microbatches}"
             )
+        check_int_field("overlong_buffer", self.overlong_buffer, 0)
         if not 0 <= self.overlong_buffer <= self.max_new_tokens:
             raise ValueError(f"overlong_buffer must be in [0, max_new_tokens={self.max_new_tokens}], got {self.overlong_buffer}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for RL sampling, got {self.temperature}")
-        if self.tis_cap is not None and self.tis_cap <= 0:
-            raise ValueError(f"tis_cap must be > 0 or None, got {self.tis_cap}")
+        check_real("overlong_factor", self.overlong_factor, low=0,
+                   why="the overlong penalty at max_new_tokens is -overlong_factor")
+        check_sampling(self)
+        check_real("tis_cap", self.tis_cap, low=0, low_open=True, optional=True,
+                   why="the cap C of the truncated importance weights min(w, C); None turns it off")
+        if self.tis_cap is not None and self.policy_loss != "ppo":
+            raise ValueError(f"tis_cap={self.tis_cap} applies to policy_loss='ppo' only; "
+                             f"policy_loss={self.policy_loss!r} ignores it (set tis_cap=None)")
+        check_real("reward_default", self.reward_default, optional=True,
+                   why="the score of samples the reward function failed on")
         validate_reward_fields(self.reward_funcs, self.reward_weights, self.max_unscored_frac)
 
     @classmethod

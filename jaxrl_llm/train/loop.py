@@ -59,6 +59,7 @@ from jaxrl_llm.train.storage import (
     prepare_output_dir,
     tree_nbytes,
 )
+from jaxrl_llm.train.validation import check_int_field
 
 logger = logging.getLogger(__name__)
 
@@ -128,17 +129,16 @@ class RunConfig:
     export_hf: bool = True
 
     def __post_init__(self):
-        if self.total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+        check_int_field("total_steps", self.total_steps, 1)
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
             raise ValueError(
                 f"run.seed must be an int >= 0 (it seeds parameter init, data order and "
                 f"sampling), got {self.seed!r}"
             )
-        if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        check_int_field("checkpoint_every", self.checkpoint_every, 0)
+        check_int_field("keep_checkpoints", self.keep_checkpoints, 1)
+        check_int_field("max_consecutive_nonfinite", self.max_consecutive_nonfinite, 1,
+                  why="the run stops after this many skipped non-finite updates in a row")
         if self.resume and self.overwrite:
             raise ValueError(
                 "run.resume=true and run.overwrite=true contradict each other: resume continues "

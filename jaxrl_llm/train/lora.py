@@ -20,6 +20,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxrl_llm.train.validation import check_int_field, check_real
+
 # How many leading dims are the input side, for weights that are not [in, out].
 _INPUT_RANK = {"o_proj": 2}  # [H, Hd, D]
 
@@ -37,10 +39,13 @@ class LoRAConfig:
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     def __post_init__(self):
-        if self.rank < 0:
-            raise ValueError(f"rank must be >= 0, got {self.rank}")
-        if self.rank and self.alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        check_int_field("rank", self.rank, 0, why="0: LoRA off")
+        if self.rank:
+            check_real("alpha", self.alpha, low=0, low_open=True, why="the adapters' update is scaled by alpha / rank")
+            targets = self.targets
+            if isinstance(targets, str) or not targets or not all(isinstance(t, str) and t for t in targets):
+                raise ValueError(f"targets must be a non-empty list of parameter names when rank > 0 (LoRA on), "
+                                 f"got {self.targets!r}")
 
     @property
     def enabled(self) -> bool:

@@ -7,6 +7,8 @@ import dataclasses
 
 import optax
 
+from jaxrl_llm.train.validation import check_int_field, check_real
+
 SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -39,25 +41,19 @@ class OptimConfig:
     grad_accum_steps: int = 1
 
     def __post_init__(self):
-        if not self.learning_rate >= 0:  # also rejects NaN
-            raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
+        check_real("learning_rate", self.learning_rate, low=0)
         for name in ("b1", "b2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1) (an Adam moment decay), got {getattr(self, name)}")
-        if not self.eps > 0:
-            raise ValueError(f"eps must be > 0 (it keeps Adam's division finite), got {self.eps}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+            check_real(name, getattr(self, name), low=0, high=1, high_open=True, why="an Adam moment decay")
+        check_real("eps", self.eps, low=0, low_open=True, why="it keeps Adam's division finite")
+        check_real("weight_decay", self.weight_decay, low=0)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
-        if self.grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        check_int_field("warmup_steps", self.warmup_steps, 0)
+        check_real("min_lr_ratio", self.min_lr_ratio, low=0, high=1,
+                   why="the final learning rate as a fraction of the peak")
+        check_real("max_grad_norm", self.max_grad_norm, low=0, low_open=True, optional=True, finite=False,
+                   why="the global-norm clip; None: no clipping")
+        check_int_field("grad_accum_steps", self.grad_accum_steps, 1)
 
 
 def make_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:

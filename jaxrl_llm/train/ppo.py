@@ -74,6 +74,7 @@ from jaxrl_llm.train.policy import (
     split_model,
 )
 from jaxrl_llm.train.scoring import RewardScorer, resolve_reward, validate_reward_fields
+from jaxrl_llm.train.validation import check_int_field, check_policy_clip, check_positive_ints, check_real, check_sampling
 
 KL_SCHEDULES = ("fixed", "linear", "adaptive")
 KL_REWARD_PLACEMENTS = ("token", "sequence")
@@ -192,11 +193,8 @@ class PPOConfig:
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
-        positive = ("prompts_per_step", "samples_per_prompt", "max_prompt_len", "max_new_tokens",
-                    "ppo_epochs", "minibatches", "logprob_chunk_size", "microbatches")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_positive_ints(self, ("prompts_per_step", "samples_per_prompt", "max_prompt_len", "max_new_tokens",
+                                   "ppo_epochs", "minibatches", "logprob_chunk_size", "microbatches"))
         if self.overlong_prompts not in OVERLONG_PROMPT_POLICIES:
             raise ValueError(f"overlong_prompts must be one of {OVERLONG_PROMPT_POLICIES}, got {self.overlong_prompts!r}")
         if self.loss_agg not in ops.AGGREGATION_MODES:
@@ -211,26 +209,38 @@ class PPOConfig:
         if self.kl_reward_placement != "token" and not self.kl_in_reward:
             raise ValueError(f"kl_reward_placement={self.kl_reward_placement!r} places the KL in the reward; "
                              "it needs kl_in_reward=True")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
-        if self.kl_schedule == "linear" and (self.kl_coef_final is None or self.kl_coef_final < 0):
+        check_real("kl_coef", self.kl_coef, low=0, why="β of the KL penalty; 0 turns it off")
+        if self.kl_schedule == "linear" and self.kl_coef_final is None:
             raise ValueError(f'kl_schedule="linear" needs kl_coef_final >= 0, got {self.kl_coef_final}')
+        check_real("kl_coef_final", self.kl_coef_final, low=0, optional=True,
+                   why='β at the last step of kl_schedule="linear"')
+        if self.kl_coef_final is not None and self.kl_schedule != "linear":
+            raise ValueError(f"kl_coef_final={self.kl_coef_final} applies to kl_schedule='linear' only; "
+                             f"kl_schedule={self.kl_schedule!r} ignores it (set kl_coef_final=None)")
         if self.kl_schedule == "adaptive":
             if self.kl_coef <= 0:
                 raise ValueError(f'kl_schedule="adaptive" needs kl_coef > 0 (it scales β), got {self.kl_coef}')
-            if self.kl_target <= 0 or self.kl_horizon <= 0:
-                raise ValueError(f"kl_target and kl_horizon must be > 0, got {self.kl_target}, {self.kl_horizon}")
-        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for RL sampling, got {self.temperature}")
-        if self.value_clip is not None and self.value_clip <= 0:
-            raise ValueError(f"value_clip must be > 0 or None, got {self.value_clip}")
-        if self.reward_clip is not None and self.reward_clip <= 0:
-            raise ValueError(f"reward_clip must be > 0 or None, got {self.reward_clip}")
-        if self.vf_coef < 0 or self.entropy_coef < 0:
-            raise ValueError(f"vf_coef and entropy_coef must be >= 0, got {self.vf_coef}, {self.entropy_coef}")
+            check_real("kl_target", self.kl_target, low=0, low_open=True,
+                       why="the per-sequence KL the adaptive controller steers towards")
+            check_real("kl_horizon", self.kl_horizon, low=0, low_open=True,
+                       why="the adaptive controller's horizon in samples")
+        check_real("gamma", self.gamma, low=0, high=1, why="the GAE discount")
+        check_real("lam", self.lam, low=0, high=1, why="the GAE λ")
+        check_sampling(self)
+        check_policy_clip(self.clip_low, self.clip_high, self.dual_clip)
+        check_real("value_clip", self.value_clip, low=0, low_open=True, optional=True, finite=False,
+                   why="the value-loss clip range; None: unclipped")
+        check_real("reward_clip", self.reward_clip, low=0, low_open=True, optional=True, finite=False,
+                   why="scores are clipped to [-reward_clip, reward_clip]; None: no clip")
+        for name in ("vf_coef", "entropy_coef"):
+            check_real(name, getattr(self, name), low=0, why="a loss weight; 0 turns the term off")
+        check_real("missing_eos_penalty", self.missing_eos_penalty, low=0, optional=True,
+                   why="subtracted from the score of responses cut without a stop token; None turns it off")
+        check_real("reward_default", self.reward_default, optional=True,
+                   why="the score of samples the reward function failed on")
         validate_reward_fields(self.reward_funcs, self.reward_weights, self.max_unscored_frac)
+        check_int_field("replay_capacity", self.replay_capacity, 0, why="rows of the replay buffer; 0 turns it off")
+        check_int_field("replay_rows", self.replay_rows, 0)
         if self.replay_capacity < 0 or self.replay_rows < 0 or self.replay_rows > self.replay_capacity:
             raise ValueError(f"need 0 <= replay_rows <= replay_capacity, got replay_rows={self.replay_rows}, "
                              f"replay_capacity={self.replay_capacity}")

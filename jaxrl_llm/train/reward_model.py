@@ -42,12 +42,14 @@ from jaxrl_llm.data.preferences import (
     PreferenceLoader,
 )
 from jaxrl_llm.data.formats import check_formats
+from jaxrl_llm.data.padding import check_bucket
 from jaxrl_llm.models.heads import RewardModel, ScalarHeadModel
 from jaxrl_llm.models.transformer import CausalLM
 from jaxrl_llm.parallel.placement import MeshConfig, Placement, forward_rows
 from jaxrl_llm.train.guard import apply_if_finite
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
+from jaxrl_llm.train.validation import check_int_field, check_positive_ints, check_real
 from jaxrl_llm.train.policy import check_tokenizer_fits, make_placement, placed_model, split_model
 
 LOSSES = ("bradley_terry", "plackett_luce")
@@ -105,9 +107,8 @@ class RewardConfig:
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
-        for name in ("batch_size", "max_len", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_positive_ints(self, ("batch_size", "max_len", "eval_batch_size"))
+        check_bucket(self.bucket)
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.overlong not in OVERLONG_PREFERENCE_POLICIES:
@@ -116,9 +117,14 @@ class RewardConfig:
             raise ValueError(f"ties must be one of {TIE_POLICIES}, got {self.ties!r}")
         if self.pool not in ("last", "mean"):
             raise ValueError(f'pool must be "last" or "mean", got {self.pool!r}')
-        if self.center_coef < 0 or self.length_penalty < 0 or self.eval_every < 0:
-            raise ValueError("center_coef, length_penalty and eval_every must be >= 0, got "
-                             f"{self.center_coef}, {self.length_penalty}, {self.eval_every}")
+        check_real("center_coef", self.center_coef, low=0, why="weight of the reward centring term; 0 turns it off")
+        check_real("length_penalty", self.length_penalty, low=0,
+                   why="α of r - α·(response tokens); 0 turns it off")
+        check_int_field("eval_every", self.eval_every, 0, why="0: evaluate only at the end")
+        check_real("tie_eps", self.tie_eps, low=0, why="scores closer than this are ties")
+        check_real("margin", self.margin, why="the constant Bradley–Terry margin")
+        if self.margin_field is not None and not (isinstance(self.margin_field, str) and self.margin_field):
+            raise ValueError(f"margin_field must be a record field name or None, got {self.margin_field!r}")
         if self.loss == "plackett_luce" and (self.margin or self.margin_field):
             raise ValueError("margin / margin_field apply to the Bradley–Terry loss only")
 

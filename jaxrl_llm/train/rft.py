@@ -39,7 +39,7 @@ from jaxrl_llm import ops
 from jaxrl_llm.data.candidates import CandidateStats, filter_candidates
 from jaxrl_llm.data.formats import check_formats
 from jaxrl_llm.data.prompts import PromptLoader
-from jaxrl_llm.data.records import load_records
+from jaxrl_llm.data.records import load_records, read_jsonl
 from jaxrl_llm.data.sampler import BatchLoader
 from jaxrl_llm.data.sft import SFTExample, collate_sft
 from jaxrl_llm.data.tokenization import decode_ids, eos_id, pad_id
@@ -56,6 +56,7 @@ from jaxrl_llm.train.scoring import (
     validate_reward_fields,
 )
 from jaxrl_llm.train.sft import batch_arrays, make_sft_update
+from jaxrl_llm.train.validation import check_positive_ints, check_real, check_sampling
 
 logger = logging.getLogger(__name__)
 
@@ -128,11 +129,9 @@ class RFTConfig:
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
-        positive = ("prompts_per_iteration", "samples_per_prompt", "sampling_batch_size", "steps_per_iteration",
-                    "batch_size", "max_prompt_len", "max_new_tokens", "max_per_prompt", "logprob_chunk_size")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_positive_ints(self, ("prompts_per_iteration", "samples_per_prompt", "sampling_batch_size",
+                                   "steps_per_iteration", "batch_size", "max_prompt_len", "max_new_tokens",
+                                   "max_per_prompt", "logprob_chunk_size"))
         if self.prompts_per_iteration % self.sampling_batch_size:
             raise ValueError(f"prompts_per_iteration={self.prompts_per_iteration} must be a multiple of "
                              f"sampling_batch_size={self.sampling_batch_size}")
@@ -140,8 +139,12 @@ class RFTConfig:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.selection == "threshold" and self.reward_threshold is None:
             raise ValueError('selection="threshold" needs reward_threshold')
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for sampling, got {self.temperature}")
+        check_real("reward_threshold", self.reward_threshold, optional=True, finite=False,
+                   why="the minimum reward of a kept candidate; None: no minimum")
+        if self.selection == "best" and self.max_per_prompt != 1:
+            raise ValueError(f'max_per_prompt={self.max_per_prompt} applies to selection="threshold" only; '
+                             'selection="best" keeps one candidate per prompt (set max_per_prompt=1)')
+        check_sampling(self)
         if self.loss_agg not in ops.AGGREGATION_MODES:
             raise ValueError(f"loss_agg must be one of {ops.AGGREGATION_MODES}, got {self.loss_agg!r}")
         validate_reward_fields(self.reward_funcs, self.reward_weights, self.max_unscored_frac)
@@ -321,8 +324,20 @@ def _save_iteration(path: Path, data: IterationData) -> None:
 
 
 def _load_iteration(path: Path) -> IterationData:
-    with open(path) as f:
-        lines = [json.loads(line) for line in f if line.strip()]
+    """The kept set ``_save_iteration`` wrote; damage is an error naming the file and line
+    (the set cannot be sampled again: the policy that sampled it is gone)."""
+    why = (f"the kept set of this RFT iteration, needed to resume it, is damaged; restore {path.name} "
+           "from a copy, or resume from an earlier checkpoint")
+    try:
+        lines = read_jsonl(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{err} ({why})") from err
+    for i, line in enumerate(lines):
+        fields = ("metrics",) if i == 0 else ("record", "prompt_ids", "response_ids")
+        if not isinstance(line, dict) or any(f not in line for f in fields):
+            raise ValueError(f"{path}: line {i + 1} does not hold the fields {list(fields)} ({why})")
+    if not lines:
+        raise ValueError(f"{path} is empty ({why})")
     metrics, rows = lines[0]["metrics"], lines[1:]
     examples = [SFTExample(r["record"], tuple(r["prompt_ids"]), tuple(r["response_ids"])) for r in rows]
     return IterationData(examples, metrics, rows)

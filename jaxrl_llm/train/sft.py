@@ -16,6 +16,7 @@ from flax import nnx
 
 from jaxrl_llm import ops
 from jaxrl_llm.data.records import validate_records
+from jaxrl_llm.data.padding import check_bucket
 from jaxrl_llm.data.sft import SFTBatch, SFTLoader
 from jaxrl_llm.train.guard import apply_if_finite
 from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
@@ -24,6 +25,7 @@ from jaxrl_llm.train.microbatch import accumulated_value_and_grad, row_weights
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
 from jaxrl_llm.parallel.placement import MeshConfig, Placement
 from jaxrl_llm.train.policy import SplitModel, check_tokenizer_fits, make_placement, placed_model, split_model
+from jaxrl_llm.train.validation import check_positive_ints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +63,12 @@ class SFTConfig:
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
-        for name in ("batch_size", "max_len", "logprob_chunk_size", "microbatches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_positive_ints(self, ("batch_size", "max_len", "logprob_chunk_size", "microbatches"))
         if self.batch_size % self.microbatches:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by microbatches={self.microbatches}")
         if self.loss_agg not in ops.AGGREGATION_MODES:
             raise ValueError(f"loss_agg must be one of {ops.AGGREGATION_MODES}, got {self.loss_agg!r}")
+        check_bucket(self.bucket)
 
 
 def sft_forward_loss(model: nnx.Module, batch: dict, agg: str, chunk_size: int, packed: bool = False):

@@ -33,7 +33,7 @@ def ref_dpo(pc, pr, rc, rr, beta, kind, eps):
             loss = max(0.0, 1 - z)
         losses.append(loss)
         c, r = beta * (pc[i] - rc[i]), beta * (pr[i] - rr[i])
-        acc.append(float(c > r))
+        acc.append(1.0 if c > r else 0.5 if c == r else 0.0)  # a tie counts half
         margin.append(c - r)
     return np.mean(losses), np.mean(acc), np.mean(margin)
 
@@ -58,8 +58,17 @@ class DPOTest(chex.TestCase):
 
     def test_log2_at_reference(self):
         pc, pr, _, _ = random_logps(1)
-        loss, _ = dpo_loss(pc, pr, pc, pr, beta=0.3)
+        loss, metrics = dpo_loss(pc, pr, pc, pr, beta=0.3)
         np.testing.assert_allclose(loss, math.log(2), rtol=1e-6)
+        # π = π_ref: every implicit reward is 0, a tie, which counts half (chance), not wrong
+        assert float(metrics["reward_accuracy"]) == 0.5 and float(metrics["ties"]) == 1.0
+
+    def test_ties_count_half(self):
+        zeros = np.zeros(4, np.float32)
+        pc = np.array([1.0, -1.0, 0.0, 0.0], np.float32)  # right, wrong, tie, tie
+        _, metrics = dpo_loss(pc, zeros, zeros, zeros, beta=0.5)
+        assert float(metrics["reward_accuracy"]) == (1 + 0 + 0.5 + 0.5) / 4
+        assert float(metrics["ties"]) == 0.5
 
     @parameterized.parameters(0.0, 0.2)
     def test_gradient_closed_form(self, eps):

@@ -22,6 +22,7 @@ from jaxrl_llm.models.hf_io import load_hf, load_tokenizer
 from jaxrl_llm.models.tokenizer import CharTokenizer
 from jaxrl_llm.train.config import apply_overrides, load_config_dict
 from jaxrl_llm.train.loop import RunConfig
+from jaxrl_llm.train.rft import _load_iteration
 
 
 def _write(path: Path, data: bytes | str) -> Path:
@@ -134,6 +135,10 @@ CASES = [
      r"override 'tags=\[a': the value '\[a' is not valid YAML"),
     ("run-seed-negative", lambda t: RunConfig(seed=-1), ValueError, r"run.seed must be an int >= 0 .*got -1"),
     ("run-seed-float", lambda t: RunConfig(seed=0.5), ValueError, r"run.seed must be an int >= 0 .*got 0.5"),
+    ("rft-kept-set-truncated", lambda t: _load_iteration(_write(t / "iteration_1.jsonl", '{"metrics": {}}\n{"record": {}, "prompt_ids": [1, ')),
+     ValueError, r"iteration_1.jsonl: line 2 is not valid JSON: .*\(the kept set of this RFT iteration, needed to resume it, is damaged"),
+    ("rft-kept-set-missing-field", lambda t: _load_iteration(_write(t / "iteration_1.jsonl", '{"metrics": {}}\n{"record": {}}\n')),
+     ValueError, r"iteration_1.jsonl: line 2 does not hold the fields \['record', 'prompt_ids', 'response_ids'\]"),
     ("metrics-corrupt-middle-line-on-resume", _corrupt_metrics_middle_line_on_resume, ValueError,
      r"metrics.jsonl, line 2: not a JSON object \(.*\)\. Only a half-written last line .* is repaired on resume"),
 ]

@@ -41,6 +41,15 @@ def _truncate(path, keep: float = 0.5) -> None:
     os.truncate(path, int(os.path.getsize(path) * keep))
 
 
+def _overwrite_in_place(path, at: float = 0.5, n: int = 16) -> None:
+    """A bad sector / stray write: ``n`` bytes in the middle of the file changed, size kept."""
+    with open(path, "r+b") as f:
+        f.seek(int(os.path.getsize(path) * at))
+        old = f.read(n)
+        f.seek(-len(old), os.SEEK_CUR)
+        f.write(bytes(b ^ 0x5A for b in old))
+
+
 # what is done to the latest checkpoint, and what the warning must say about it
 DAMAGE = {
     "truncated-array-file": (lambda d: _truncate(_array_files(d)[-1]), r"an array file is truncated"),
@@ -48,6 +57,8 @@ DAMAGE = {
     "empty-metadata": (lambda d: os.truncate(d / "state" / "_METADATA", 0), r"state/_METADATA is empty \(0 bytes\)"),
     "empty-sidecar-metadata": (lambda d: os.truncate(d / "meta" / "metadata", 0), r"meta/metadata is empty \(0 bytes\)"),
     "missing-array-file": (lambda d: os.remove(_array_files(d)[-1]), r"an array file is truncated or missing"),
+    "bytes-overwritten-in-array-file": (lambda d: _overwrite_in_place(_array_files(d)[-1]),
+                                        r"the arrays read back differ from the ones saved \(checksum mismatch in \S+"),
     "missing-step-file": (lambda d: os.remove(d / "state" / "manifest.ocdbt"), r"state/manifest.ocdbt \(the index of the array files\) is missing"),
 }
 

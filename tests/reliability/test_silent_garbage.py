@@ -72,6 +72,10 @@ CASES = [
      r"stop_token_ids \[3, 258\] hold \[258\], outside the vocabulary \[0, 200\): the model's vocab_size is 200"),
     ("response_logprobs-token-id-above-vocab", lambda: response_logprobs(MODEL, np.array([[1, 2, 3, 201]]), np.ones((1, 4)), 2),
      ValueError, r"tokens holds token id\(s\) 201 outside \[0, 200\) \(1 such, first at row 0, column 3\): the model's vocab_size is 200"),
+    ("model-forward-token-id-above-vocab", lambda: MODEL(np.array([[1, 2, 3], [4, 5, 230]])), ValueError,
+     r"tokens holds token id\(s\) 230 outside \[0, 200\) \(1 such, first at row 1, column 2\): the model's vocab_size is 200"),
+    ("model-forward-padding-id-negative", lambda: MODEL(np.array([[-1, 2, 3]]), attention_mask=np.array([[0, 1, 1]])),
+     ValueError, r"tokens holds token id\(s\) -1 .*\(a padding position: padding is embedded too"),
     # ---- a tokenizer that does not belong to the model
     ("tokenizer-gpt2-vs-32000", lambda: check_tokenizer_fits(tiny_config("llama", vocab_size=32000), _Tokenizer(50257, eos_token_id=50256)),
      ValueError, r"tokenizer has 50257 tokens \(eos_token_id=50256\) but the model's vocab_size is 32000: they do not belong together"),

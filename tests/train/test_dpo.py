@@ -287,5 +287,6 @@ def test_dpo_raises_reward_accuracy_on_synthetic_preferences(tmp_path):
     assert after["reward_accuracy"] >= 0.95 and after["reward_margin"] > 0.5
     assert after["logp_accuracy"] >= 0.95 > before["logp_accuracy"]
     hist = result.history
-    assert hist[0]["reward_accuracy"] == 0.0 and np.mean([r["reward_accuracy"] for r in hist[-5:]]) >= 0.95
+    assert hist[0]["reward_accuracy"] == 0.5 and hist[0]["ties"] == 1.0  # step 0: π = π_ref, all ties
+    assert np.mean([r["reward_accuracy"] for r in hist[-5:]]) >= 0.95
     assert hist[-1]["loss"] < 0.5 * np.log(2)
