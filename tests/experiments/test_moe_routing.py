@@ -1,5 +1,13 @@
 """MoE routing: without replay the training forward routes some tokens to other experts
-than the rollout did; routing replay makes that fraction exactly 0."""
+than the rollout did; routing replay makes that fraction exactly 0.
+
+One seed suffices: every assertion held with wide margin on seeds 0 / 1 / 2 (seed 0 with
+XLA_FLAGS=--xla_cpu_max_isa=AVX2: same as seed 0 to 4 digits):
+  replay routing_change_max                 0 / 0 / 0                   (== 0)
+  grpo / gspo routing_change_mean (no replay)  0.059, 0.043 / 0.037, 0.031 / 0.043, 0.044  (> 0.002)
+  max over arms |ratio_mean - 1|            0.019 / 0.015 / 0.023       (< 0.2)
+  clipfrac gspo vs grpo                     0.23 vs 0.045 / 0.30 vs 0.074 / 0.39 vs 0.067  (>)
+"""
 
 import math
 

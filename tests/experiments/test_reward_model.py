@@ -1,4 +1,19 @@
-"""The reward-model experiment runs in --quick mode and shows its claims."""
+"""The reward-model experiment runs in --quick mode and shows its claims.
+
+One seed suffices: every assertion held with margin on seeds 0 / 1 / 2 (seed 0 with
+XLA_FLAGS=--xla_cpu_max_isa=AVX2: same as seed 0 to 4 digits):
+  accuracy rises with size (bt, pl)           yes / yes / yes (smallest last step +0.016)
+  min final size_acc; spread                  0.936, 0.023 / 0.940, 0.024 / 0.938, 0.021  (> 0.85; < 0.05)
+  min final size_auc                          0.988 / 0.989 / 0.988    (> 0.95)
+  tie fraction                                0.304 / 0.300 / 0.298    (in 0.25..0.35)
+  max |ties dropped or ½ - forced choice|     0.016 / 0.021 / 0.019    (< 0.05)
+  |gold corr length|; plain corr length       0.002, 0.42 / 0.003, 0.42 / 0.010, 0.40  (< 0.05; > 0.3)
+  plain longer_wins                           0.647 / 0.640 / 0.628    (> 0.58)
+  fixes: |corr length|                        0.003 / 0.002 / 0.011    (< 0.05)
+  fixes: acc - plain acc                      0.094 / 0.105 / 0.098    (> 0.05)
+  fixes: acc - unbiased-labels acc            -0.003 / +0.011 / +0.001 (> -0.02)
+  drop_feature_corr_length                    0.158 / 0.168 / 0.157    (> 0.08)
+"""
 
 import json
 

@@ -1,5 +1,13 @@
 """Zero-variance groups: plain GRPO trains on them, dynamic sampling never does (at a
-measured generation cost)."""
+measured generation cost).
+
+One seed suffices: every assertion held with wide margin on seeds 0 / 1 / 2 (seed 0 with
+XLA_FLAGS=--xla_cpu_max_isa=AVX2: same as seed 0):
+  plain zero_variance_in_update (= sampled)   0.445 / 0.313 / 0.305   (> 0.1)
+  dynamic_sampling_filled_fraction            1.0 / 1.0 / 1.0         (> 0.5)
+  zero variance when filled                   0 / 0 / 0               (== 0)
+  dynamic sampling generation_cost_ratio      2.13 / 2.0 / 2.0        (> 1.2)
+"""
 
 
 import pytest

@@ -275,6 +275,11 @@ def test_resume_and_precomputed_reference(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_dpo_raises_reward_accuracy_on_synthetic_preferences(tmp_path):
+    """Learning claims, with margin on seeds 0 / 1 / 2 (model init, data, run seed; seed 0
+    with XLA_FLAGS=--xla_cpu_max_isa=AVX2 identical to seed 0): held-out reward and log-prob
+    accuracy 1.0 / 1.0 / 1.0 (>= 0.95), reward margin 2.52 / 2.60 / 2.59 (> 0.5), log-prob
+    accuracy before 0.63 / 0.53 / 0.41 (< 0.95), last-5 train accuracy 1.0 / 1.0 / 1.0,
+    final loss 0.099 / 0.076 / 0.111 (< 0.347)."""
     tok = CharTokenizer()
     held_out = synthetic_pairs(32, 1)
     config = _config(tmp_path, batch_size=8, optim=OptimConfig(learning_rate=3e-3),
@@ -287,6 +292,12 @@ def test_dpo_raises_reward_accuracy_on_synthetic_preferences(tmp_path):
     assert after["reward_accuracy"] >= 0.95 and after["reward_margin"] > 0.5
     assert after["logp_accuracy"] >= 0.95 > before["logp_accuracy"]
     hist = result.history
-    assert hist[0]["reward_accuracy"] == 0.5 and hist[0]["ties"] == 1.0  # step 0: π = π_ref, all ties
+    # step 0: π = π_ref, so every implicit reward is 0 — up to float rounding: the policy's
+    # log-probs come from the differentiated forward, the reference's from another program,
+    # and the two can round apart. Exact ties held for seed 0 (also with AVX2) and seed 1,
+    # but with seed 2 (model, data, run seed) 2 of 16 pairs differed by 1 ulp (rejected
+    # reward 4.8e-8, step-0 reward_accuracy 0.4375, ties 0.875), so this checks |reward| ≈ 0
+    assert max(abs(hist[0][k]) for k in ("chosen_reward", "rejected_reward", "reward_margin")) < 1e-5
+    assert hist[0]["loss"] == pytest.approx(np.log(2), rel=1e-5)
     assert np.mean([r["reward_accuracy"] for r in hist[-5:]]) >= 0.95
     assert hist[-1]["loss"] < 0.5 * np.log(2)

@@ -413,6 +413,10 @@ def test_unscored_samples_are_left_out(tmp_path):
 
 @pytest.mark.slow
 def test_ppo_increases_reward_and_beta_bounds_kl(tmp_path):
+    """Holds with margin on seeds 0 / 1 / 2 (policy init and run seed; seed 0 with
+    XLA_FLAGS=--xla_cpu_max_isa=AVX2 same as seed 0 to 5 digits): reward gain 4.68 / 3.15 /
+    4.73 (> 1.5), max KL 19.0 / 12.8 / 21.5 (< 40), KL(β=1) / KL(β=0.01) 0.034 / 0.058 /
+    0.038 (< 0.25)."""
     out = {}
     for beta in (0.01, 1.0):
         config = base_config(tmp_path, kl_coef=beta,

@@ -139,6 +139,10 @@ def test_reward_model_from_causal_lm_copies_backbone():
 
 @pytest.mark.slow
 def test_learns_known_scoring_function_and_saves_hf(tmp_path):
+    """Holds with margin on seeds 0 / 1 / 2 (model init, data, run seed; seed 0 with
+    XLA_FLAGS=--xla_cpu_max_isa=AVX2 same as seed 0 to 3 digits): eval accuracy 1.0 / 0.99 /
+    1.0 (>= 0.9), AUC 0.891 / 0.888 / 0.912 (> 0.75), loss 0.69 → 0.027 / 0.088 / 0.041,
+    score('aaab') - score('bcde') 8.8 / 9.8 / 8.0 (> 0)."""
     tok = CharTokenizer()
     config = base_config(tmp_path, run=RunConfig(output_dir=str(tmp_path / "rm"), total_steps=60, progress=False),
                          batch_size=16, eval_every=30)
