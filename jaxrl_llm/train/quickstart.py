@@ -123,13 +123,6 @@ def greedy_accuracy(model, tokenizer, records) -> float:
     return heldout_accuracy(model, tokenizer, records)
 
 
-def sampled_accuracy(model, tokenizer, records, num_samples: int = EVAL_SAMPLES, seed: int = 0) -> float:
-    """Mean reward of T = 1 samples on held-out prompts: the quantity GRPO optimises,
-    averaged over len(records) × num_samples responses, so it moves far less by chance
-    than greedy accuracy (one prompt = 1 / len(records))."""
-    return heldout_accuracy(model, tokenizer, records, num_samples, temperature=1.0, seed=seed)
-
-
 def _evaluate(model, tokenizer, held_out, seed: int) -> dict[str, float]:
     completions = sample_answers(model, tokenizer, held_out, EVAL_SAMPLES, temperature=1.0, seed=seed)
     breakdown = answer_breakdown(held_out, completions, EVAL_SAMPLES)
