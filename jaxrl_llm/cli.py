@@ -15,6 +15,10 @@ a notebook run are the same run. Inputs are local paths only (no hub downloads):
              or your own ``path/to/file.py:function`` / ``package.module:function``;
              repeat it for several rewards, weighted by ``reward_weights=[1.0,0.1]``
              (the same as the config's ``reward_funcs``)
+  --env      (grpo) a multi-turn environment factory ``path/to/file.py:factory`` /
+             ``package.module:factory`` (``jaxrl_llm.envs``): episodes with tool calls,
+             scored by the environment (the config's ``env``; ``max_turns=…``,
+             ``max_total_tokens=…`` bound them)
 
 Every stage first calls ``parallel.init_distributed()`` (a no-op on one host; under
 SLURM, on a TPU pod slice or with ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
@@ -91,13 +95,17 @@ def _config_dict(args: argparse.Namespace) -> dict:
         if given.get("reward_funcs"):
             raise ValueError("give the rewards either as --reward or as reward_funcs in the config, not both")
         given["reward_funcs"] = list(args.reward)
+    if getattr(args, "env", None):
+        if given.get("env"):
+            raise ValueError("give the environment either as --env or as env in the config, not both")
+        given["env"] = args.env
     return given
 
 
 def _require_reward(args: argparse.Namespace, config) -> None:
     from jaxrl_llm.rewards.registry import BUILTIN_REWARDS
 
-    if not config.reward_funcs:
+    if not config.reward_funcs and not getattr(config, "env", ""):
         raise SystemExit(
             f"jaxrl-llm {args.command}: missing --reward: a built-in {list(BUILTIN_REWARDS)}, "
             "path/to/file.py:function or package.module:function (repeat for several), or reward_funcs "
@@ -276,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = stage("grpo", _grpo, "GRPO / Dr. GRPO / DAPO / GSPO / RLOO with a verifiable reward")
     g.add_argument("--preset", default="grpo", help="grpo | dr_grpo | dapo | gspo | rloo")
     g.add_argument("--reward", action="append", help=REWARD_HELP)
+    g.add_argument("--env", help="multi-turn environment factory, path/to/file.py:factory or package.module:factory "
+                                 "(tool use; episodes scored by the environment instead of --reward)")
     g.add_argument("--out", default="results", help="quick-start output root (no --policy/--data)")
     g.add_argument("--quick", action="store_true", help="quick-start: a few steps only")
     g.add_argument("--seed", type=int, default=0, help="quick-start seed (data split, model, sampling)")

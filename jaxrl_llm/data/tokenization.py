@@ -120,12 +120,13 @@ def has_chat_template(tokenizer) -> bool:
     return True
 
 
-def render_prompt(tokenizer, prompt: Prompt) -> str:
+def render_prompt(tokenizer, prompt: Prompt, *, tools: Sequence[dict] | None = None) -> str:
     """The prompt as text, ready to encode with ``encode_text``.
 
     A string is returned unchanged. Chat messages ([{"role", "content"}, ...]) are rendered
     with ``tokenizer.apply_chat_template(messages, tokenize=False,
-    add_generation_prompt=True)``, so the text ends where the assistant's answer starts.
+    add_generation_prompt=True)``, so the text ends where the assistant's answer starts;
+    ``tools`` (JSON-schema tool descriptions) are passed on as ``tools=`` when given.
 
     Raises:
       ValueError: the prompt is neither a str nor messages, or the tokenizer has no chat
@@ -138,7 +139,8 @@ def render_prompt(tokenizer, prompt: Prompt) -> str:
         raise ValueError(
             "prompt is a list of chat messages but the tokenizer has no chat template; set "
             "tokenizer.chat_template or pass prompts as plain strings.")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    extra = {"tools": list(tools)} if tools else {}
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
     if not isinstance(text, str):
         raise ValueError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str.")
     return text

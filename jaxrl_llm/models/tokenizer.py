@@ -156,10 +156,16 @@ class CharTokenizer:
         *,
         add_generation_prompt: bool = True,
         tokenize: bool = False,
+        tools: Sequence[dict] | None = None,
     ):
         """Formats [{"role", "content"}, ...] as "<|role|>\\ncontent\\n" turns (+
-        "<|assistant|>\\n" when add_generation_prompt); token ids if tokenize."""
+        "<|assistant|>\\n" when add_generation_prompt); token ids if tokenize. ``tools``
+        (JSON-schema function descriptions) open the text as one line of tool names,
+        "<|tools|>\\nname1, name2\\n": short, for character-level toy models."""
         parts = []
+        if tools:
+            names = [t.get("function", t).get("name", "?") for t in tools]
+            parts.append("<|tools|>\n" + ", ".join(names) + "\n")
         for m in messages:
             if "role" not in m or "content" not in m:
                 raise ValueError(f"each message needs 'role' and 'content', got {m!r}.")

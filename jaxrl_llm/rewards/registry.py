@@ -52,20 +52,33 @@ def load_reward_fn(spec: str) -> RewardFn:
         return _BUILTINS[spec]()
     if ":" not in spec:
         raise ValueError(f"unknown reward {spec!r}; expected {SPEC_FORMS.format(names=list(BUILTIN_REWARDS))}")
+    return load_callable(spec, "reward")
+
+
+def load_callable(spec: str, what: str) -> Callable:
+    """The callable ``name`` of ``path/to/file.py:name`` or ``package.module:name``
+    (reward functions, environment factories).
+
+    Raises:
+      ValueError: no ':' in the spec, a missing file, an unimportable module, or no such
+        callable; the message starts with ``what`` and the spec and lists what is there.
+    """
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(f"{what} {spec!r}: expected path/to/file.py:name or package.module:name")
     target, _, attr = spec.rpartition(":")
-    module = _load_file(spec, target) if target.endswith(".py") else _import_module(spec, target)
+    module = _load_file(spec, target, what) if target.endswith(".py") else _import_module(spec, target, what)
     fn = getattr(module, attr, None)
     if not callable(fn):
         public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-        raise ValueError(f"reward {spec!r}: {target!r} has no function {attr!r}; functions there: {public}")
+        raise ValueError(f"{what} {spec!r}: {target!r} has no function {attr!r}; functions there: {public}")
     return fn
 
 
-def _load_file(spec: str, target: str):
+def _load_file(spec: str, target: str, what: str):
     path = Path(target).expanduser()
     if not path.is_file():
-        raise ValueError(f"reward {spec!r}: file {target!r} not found (relative to {Path.cwd()})")
-    name = f"_jaxrl_llm_reward_{path.stem}_{abs(hash(str(path.resolve())))}"
+        raise ValueError(f"{what} {spec!r}: file {target!r} not found (relative to {Path.cwd()})")
+    name = f"_jaxrl_llm_{what.replace(' ', '_')}_{path.stem}_{abs(hash(str(path.resolve())))}"
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module  # dataclasses / pickling inside the file look themselves up here
@@ -73,11 +86,11 @@ def _load_file(spec: str, target: str):
     return module
 
 
-def _import_module(spec: str, target: str):
+def _import_module(spec: str, target: str, what: str):
     try:
         return importlib.import_module(target)
     except ImportError as err:
-        raise ValueError(f"reward {spec!r}: cannot import module {target!r} ({err})") from err
+        raise ValueError(f"{what} {spec!r}: cannot import module {target!r} ({err})") from err
 
 
 def build_reward(

@@ -51,6 +51,10 @@ class Rollout:
         or None unless requested.
       routing: [M, N, P + T, k] int32 expert choices of every prompt and response token
         (MoE policies; None for dense ones), for routing replay in the training forward.
+      sequence_mask: [N, T] int32, 1 on every real token of the response area: the
+        policy's tokens and, in multi-turn episodes (``rollout.multiturn``), the
+        environment's observation tokens between them, which ``mask`` (the loss mask)
+        leaves out. None: the same as ``mask`` (single-turn). ``lengths`` counts these.
     """
 
     prompt_tokens: jax.Array
@@ -62,6 +66,7 @@ class Rollout:
     finished: jax.Array
     raw_logprobs: jax.Array | None = None
     routing: jax.Array | None = None
+    sequence_mask: jax.Array | None = None
 
     @property
     def num_rows(self) -> int:
@@ -69,7 +74,8 @@ class Rollout:
 
     def full_tokens(self) -> tuple[jax.Array, jax.Array]:
         """Prompt and response as one sequence for the teacher-forced training / reference
-        forward: ([N, P + T] tokens, [N, P + T] mask of real tokens).
+        forward: ([N, P + T] tokens, [N, P + T] mask of real tokens, observation tokens
+        of multi-turn episodes included).
 
         Prompts are moved to the left padding layout, so the last prompt token sits at
         column P − 1 for every row and the logits at columns P − 1 … P + T − 2 predict
@@ -77,7 +83,8 @@ class Rollout:
         """
         prompt_tokens, prompt_mask = left_align(self.prompt_tokens, self.prompt_mask)
         tokens = jnp.concatenate([prompt_tokens, self.tokens], axis=1)
-        mask = jnp.concatenate([prompt_mask, self.mask], axis=1)
+        response_mask = self.mask if self.sequence_mask is None else self.sequence_mask
+        mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
         return tokens, mask
 
     def full_routing(self) -> jax.Array | None:

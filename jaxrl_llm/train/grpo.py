@@ -2,7 +2,9 @@
 Dr. GRPO, DAPO, GSPO and RLOO.
 
 Per step: sample G responses for each of B prompts → score them with the reward function
-(+ DAPO overlong penalty) → (DAPO) keep sampling until B groups carry signal → group
+(+ DAPO overlong penalty); or, with an environment (``env``), run G multi-turn episodes
+per prompt (``rollout.multiturn``: tool calls, observations masked out of the loss, the
+KL term and the entropy) scored by the environment's rewards → (DAPO) keep sampling until B groups carry signal → group
 advantages → old / reference log-probs → μ passes of clipped policy-gradient updates.
 
 Shapes: B prompts per step, G group size, N = B·G rows, P prompt length (bucketed),
@@ -34,6 +36,8 @@ from jaxrl_llm.data.prompts import PromptBatch, PromptLoader
 from jaxrl_llm.data.tokenization import decode_ids, eos_id, pad_id
 from jaxrl_llm.ops.policy_losses import PPO_TOKEN_MEAN_METRICS
 from jaxrl_llm.parallel.placement import MeshConfig, Placement
+from jaxrl_llm.rewards.registry import load_callable
+from jaxrl_llm.rollout.multiturn import generate_episodes
 from jaxrl_llm.rollout.sampler import Rollout, generate
 from jaxrl_llm.train.guard import apply_if_finite
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
@@ -78,7 +82,8 @@ class GRPOConfig:
       clip_low, clip_high: ε_low, ε_high (DAPO clip-higher: 0.2, 0.28).
       dual_clip: dual-clip bound c > 1 or None.
       loss_agg: ``aggregate_loss`` mode.
-      norm_length: Dr. GRPO's constant normaliser (default max_new_tokens).
+      norm_length: Dr. GRPO's constant normaliser (default max_new_tokens; with an
+        environment max_total_tokens).
       kl_coef: β of the KL-to-reference loss term (0: no reference model is kept).
       kl_kind: KL estimator of ``kl_penalty`` (k3 in GRPO).
       entropy_coef: entropy bonus weight.
@@ -105,6 +110,14 @@ class GRPOConfig:
       logprob_chunk_size: tokens per chunk of ``logprobs_from_hidden``.
       lora: train low-rank adapters of the policy instead of all weights (rank 0: off);
         the reference is then the frozen base model.
+      env: multi-turn environment factory spec, ``path/to/file.py:factory`` or
+        ``package.module:factory`` (called with no arguments for each episode; see
+        ``jaxrl_llm.envs``); "" (default): single-turn sampling scored by the reward
+        functions. ``train(env=...)`` takes the factory itself.
+      max_turns: assistant messages per episode at most (with an environment).
+      max_total_tokens: response area of an episode, policy and observation tokens
+        together (with an environment); None: 2 · max_turns · max_new_tokens.
+        ``max_new_tokens`` is then the budget of one assistant message.
       microbatches: run each minibatch update as this many forward/backward passes whose
         gradients add up to the minibatch's exactly (``train.microbatch``, weighted by
         loss_agg): less activation memory, the same update.
@@ -152,13 +165,22 @@ class GRPOConfig:
     max_unscored_frac: float = 0.5
     logprob_chunk_size: int = 1024
     lora: LoRAConfig = LoRAConfig()
+    env: str = ""
+    max_turns: int = 1
+    max_total_tokens: int | None = None
     microbatches: int = 1
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
         check_positive_ints(self, ("prompts_per_step", "max_prompt_len", "max_new_tokens", "num_inner_updates",
                                    "minibatches", "max_sampling_rounds", "router_update_every",
-                                   "logprob_chunk_size", "microbatches"))
+                                   "logprob_chunk_size", "microbatches", "max_turns"))
+        check_int_field("max_total_tokens", self.max_total_tokens, self.max_new_tokens, optional=True,
+                        why="the response area of an episode holds at least one full message; "
+                            "None: 2 * max_turns * max_new_tokens")
+        if not isinstance(self.env, str):
+            raise ValueError(f"env must be a factory spec string (path/to/file.py:factory or module:factory) or "
+                             f"'', got {self.env!r}; pass a factory object to train(env=...)")
         check_int_field("group_size", self.group_size, 2, why="group baselines need other samples")
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"advantage must be one of {ADVANTAGES}, got {self.advantage!r}")
@@ -200,6 +222,16 @@ class GRPOConfig:
         check_real("reward_default", self.reward_default, optional=True,
                    why="the score of samples the reward function failed on")
         validate_reward_fields(self.reward_funcs, self.reward_weights, self.max_unscored_frac)
+        if self.env and self.overlong_buffer:
+            raise ValueError(f"overlong_buffer={self.overlong_buffer} penalises single responses; with env="
+                             f"{self.env!r} episodes are bounded by max_total_tokens instead (set overlong_buffer=0)")
+
+    @property
+    def response_width(self) -> int:
+        """T of the rollout: max_new_tokens, or an episode's max_total_tokens (multi-turn)."""
+        if self.max_turns == 1 and self.max_total_tokens is None:
+            return self.max_new_tokens
+        return self.max_total_tokens or 2 * self.max_turns * self.max_new_tokens
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GRPOConfig":
@@ -335,7 +367,7 @@ def _policy_loss(params, batch, split, static: _Static):
     logp, entropy = out.logprobs, out.entropy
     mask = batch["mask"]
     old = batch["old_logp"] if static.has_old else jax.lax.stop_gradient(logp)
-    norm_length = config.norm_length or config.max_new_tokens
+    norm_length = config.norm_length or config.response_width
     if config.policy_loss == "ppo":
         adv = batch["advantages"][:, None] * batch["tis_weight"]
         loss, metrics = ops.ppo_policy_loss(logp, old, adv, mask, config.clip_low, config.clip_high,
@@ -430,6 +462,30 @@ def _sample_round(model, loader, config, rng, pad, stop_ids, placement: Placemen
     return prompts, placement.to_host(rollout)
 
 
+def _sample_episodes(model, loader, records, env_factory, tokenizer, config, rng, seed, pad, stop_ids,
+                     placement: Placement) -> tuple[ScoredBatch, dict]:
+    """One round of multi-turn episodes (G per prompt), scored by the environment's
+    rewards; returns the batch and the episodes' summary metrics."""
+    prompts = next(loader)
+    with placement.context():
+        episodes = generate_episodes(
+            model, tokenizer, [records[i] for i in prompts.indices], env_factory, max_turns=config.max_turns,
+            max_new_tokens=config.max_new_tokens, max_total_tokens=config.response_width,
+            num_samples=config.group_size, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+            stop_token_ids=stop_ids, pad_token_id=pad, rng=rng, seed=seed, prompt_width=config.max_prompt_len)
+    rewards = episodes.rewards.astype(np.float32)
+    batch = ScoredBatch(episodes.rollout, rewards, rewards.copy(), np.ones(len(rewards), bool),
+                        np.asarray(prompts.indices))
+    return batch, episodes.summary()
+
+
+def _mean_over_rounds(summaries: list[dict]) -> dict:
+    """Each episode metric averaged over the sampling rounds that report it (an
+    environment's info keys appear only in rounds where it was stepped)."""
+    keys = dict.fromkeys(k for m in summaries for k in m)
+    return {k: float(np.mean([m[k] for m in summaries if k in m])) for k in keys}
+
+
 def _concat(batches: list[ScoredBatch], group_size: int, want_groups: int) -> tuple[ScoredBatch, np.ndarray]:
     """Keeps informative groups across rounds (first `want_groups`); pads with fully masked
     groups so the batch shape (and the compiled update) never changes."""
@@ -478,6 +534,7 @@ def train(
     prompts: Sequence[dict],
     reward_fn: Callable | Sequence[Callable | str] | None = None,
     reference: Any = None,
+    env: Callable[[], Any] | None = None,
 ) -> TrainResult:
     """Trains ``policy`` with the GRPO family on prompts scored by ``reward_fn``.
 
@@ -492,13 +549,24 @@ def train(
         config's ``reward_funcs``.
       reference: frozen reference model (default: the initial policy) — only used when
         kl_coef > 0.
+      env: a multi-turn environment factory (``jaxrl_llm.envs``), called with no
+        arguments per episode; None: ``config.env`` (a spec), or single-turn sampling
+        when that is empty. With an environment its rewards are the scores and
+        ``reward_fn`` must be None.
 
     Returns:
       TrainResult with the trained model and per-step metrics.
     """
     check_formats(prompts, "prompt")
-    scorer = RewardScorer(resolve_reward(reward_fn, config), default=config.reward_default,
-                          max_unscored_frac=config.max_unscored_frac)
+    env_factory = env if env is not None else (load_callable(config.env, "env") if config.env else None)
+    if env_factory is None and (config.max_turns != 1 or config.max_total_tokens is not None):
+        raise ValueError(f"max_turns={config.max_turns} / max_total_tokens={config.max_total_tokens} apply to "
+                         "multi-turn episodes; give an environment (env=... or config env='module:factory')")
+    if env_factory is not None and (reward_fn is not None or config.reward_funcs):
+        raise ValueError("with an environment the episodes are scored by its rewards; drop reward_fn / "
+                         "reward_funcs (score final answers inside the environment's step)")
+    scorer = None if env_factory is not None else RewardScorer(
+        resolve_reward(reward_fn, config), default=config.reward_default, max_unscored_frac=config.max_unscored_frac)
     n_rows = config.prompts_per_step * config.group_size
     update_rows = ("prompts_per_step * group_size / minibatches" if config.microbatches == 1
                    else "prompts_per_step * group_size / (minibatches * microbatches)")
@@ -552,12 +620,20 @@ def train(
 
         # sample (DAPO: until B informative groups or the round cap)
         rounds: list[ScoredBatch] = []
+        episode_metrics: list[dict] = []
         informative_before = None
         for round_ in range(config.max_sampling_rounds if config.dynamic_sampling else 1):
-            prompt_batch, rollout = _sample_round(current, loader, config, jax.random.fold_in(k_step, round_), pad,
-                                                  stop_ids, placement)
-            # score
-            rounds.append(score_rollout(rollout, prompt_batch, scorer, tokenizer, config))
+            if env_factory is not None:  # environment seed: replayed exactly on resume
+                scored, summary = _sample_episodes(current, loader, prompts, env_factory, tokenizer, config,
+                                                   jax.random.fold_in(k_step, round_),
+                                                   config.run.seed * 1_000_003 + step * 1_009 + round_, pad,
+                                                   stop_ids, placement)
+                rounds.append(scored)
+                episode_metrics.append(summary)
+            else:
+                prompt_batch, rollout = _sample_round(current, loader, config, jax.random.fold_in(k_step, round_),
+                                                      pad, stop_ids, placement)
+                rounds.append(score_rollout(rollout, prompt_batch, scorer, tokenizer, config))
             if informative_before is None:
                 informative_before = float(np.mean(informative_groups(rounds[0].scores, rounds[0].valid, config.group_size)))
             if not config.dynamic_sampling:
@@ -659,7 +735,8 @@ def train(
             "skipped_no_signal": int(inner_passes == 0),
             "generations": len(rounds) * n_rows,
             "reward_failures": int(sum((~b.valid).sum() for b in rounds)),
-            **scorer.step_metrics(),
+            **(scorer.step_metrics() if scorer is not None else {}),
+            **_mean_over_rounds(episode_metrics),
             "response_length_mean": float(lengths.mean()),
             "response_length_max": int(lengths.max()),
             "truncated_fraction": float(np.mean(~np.asarray(rollout.finished))),
