@@ -36,9 +36,9 @@ from jaxrl_llm.data.prompts import PromptBatch, PromptLoader
 from jaxrl_llm.data.tokenization import decode_ids, eos_id, pad_id
 from jaxrl_llm.ops.policy_losses import PPO_TOKEN_MEAN_METRICS
 from jaxrl_llm.parallel.placement import MeshConfig, Placement
-from jaxrl_llm.rewards.registry import load_callable
 from jaxrl_llm.rollout.multiturn import generate_episodes
 from jaxrl_llm.rollout.sampler import Rollout, generate
+from jaxrl_llm.train.episodes import check_episode_fields, resolve_env, response_width
 from jaxrl_llm.train.guard import apply_if_finite
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
 from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
@@ -174,13 +174,8 @@ class GRPOConfig:
     def __post_init__(self):
         check_positive_ints(self, ("prompts_per_step", "max_prompt_len", "max_new_tokens", "num_inner_updates",
                                    "minibatches", "max_sampling_rounds", "router_update_every",
-                                   "logprob_chunk_size", "microbatches", "max_turns"))
-        check_int_field("max_total_tokens", self.max_total_tokens, self.max_new_tokens, optional=True,
-                        why="the response area of an episode holds at least one full message; "
-                            "None: 2 * max_turns * max_new_tokens")
-        if not isinstance(self.env, str):
-            raise ValueError(f"env must be a factory spec string (path/to/file.py:factory or module:factory) or "
-                             f"'', got {self.env!r}; pass a factory object to train(env=...)")
+                                   "logprob_chunk_size", "microbatches"))
+        check_episode_fields(self)
         check_int_field("group_size", self.group_size, 2, why="group baselines need other samples")
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"advantage must be one of {ADVANTAGES}, got {self.advantage!r}")
@@ -228,10 +223,8 @@ class GRPOConfig:
 
     @property
     def response_width(self) -> int:
-        """T of the rollout: max_new_tokens, or an episode's max_total_tokens (multi-turn)."""
-        if self.max_turns == 1 and self.max_total_tokens is None:
-            return self.max_new_tokens
-        return self.max_total_tokens or 2 * self.max_turns * self.max_new_tokens
+        """T of the rollout (``train.episodes.response_width``)."""
+        return response_width(self)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GRPOConfig":
@@ -558,13 +551,7 @@ def train(
       TrainResult with the trained model and per-step metrics.
     """
     check_formats(prompts, "prompt")
-    env_factory = env if env is not None else (load_callable(config.env, "env") if config.env else None)
-    if env_factory is None and (config.max_turns != 1 or config.max_total_tokens is not None):
-        raise ValueError(f"max_turns={config.max_turns} / max_total_tokens={config.max_total_tokens} apply to "
-                         "multi-turn episodes; give an environment (env=... or config env='module:factory')")
-    if env_factory is not None and (reward_fn is not None or config.reward_funcs):
-        raise ValueError("with an environment the episodes are scored by its rewards; drop reward_fn / "
-                         "reward_funcs (score final answers inside the environment's step)")
+    env_factory = resolve_env(env, config, has_reward=reward_fn is not None or bool(config.reward_funcs))
     scorer = None if env_factory is not None else RewardScorer(
         resolve_reward(reward_fn, config), default=config.reward_default, max_unscored_frac=config.max_unscored_frac)
     n_rows = config.prompts_per_step * config.group_size

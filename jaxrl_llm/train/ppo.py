@@ -60,7 +60,9 @@ from jaxrl_llm.models.heads import ScalarHeadModel, ValueModel
 from jaxrl_llm.ops.policy_losses import PPO_TOKEN_MEAN_METRICS, VALUE_TOKEN_MEAN_METRICS
 from jaxrl_llm.parallel.placement import MeshConfig, Placement
 from jaxrl_llm.parallel.sharding import create_sharded
+from jaxrl_llm.rollout.multiturn import generate_episodes
 from jaxrl_llm.rollout.sampler import Rollout, apply_stop_strings, generate
+from jaxrl_llm.train.episodes import check_episode_fields, resolve_env, response_width
 from jaxrl_llm.train.guard import apply_if_finite
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
 from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
@@ -105,6 +107,9 @@ class PPOConfig:
       loss_agg: ``aggregate_loss`` mode of every per-token loss.
       ppo_epochs: passes over each batch.
       minibatches: minibatches per pass (each one optimizer update).
+      env, max_turns, max_total_tokens: multi-turn episodes (``GRPOConfig``'s fields):
+        the environment's step rewards sit on the last token of the message each answers
+        and GAE runs across the masked observation tokens.
       microbatches: run each minibatch update as this many forward/backward passes whose
         gradients add up to the minibatch's exactly (``train.microbatch``, weighted by
         loss_agg): less activation memory, the same update.
@@ -189,6 +194,9 @@ class PPOConfig:
     replay_rows: int = 0
     logprob_chunk_size: int = 1024
     lora: LoRAConfig = LoRAConfig()
+    env: str = ""
+    max_turns: int = 1
+    max_total_tokens: int | None = None
     microbatches: int = 1
     mesh: MeshConfig = MeshConfig()
 
@@ -239,6 +247,14 @@ class PPOConfig:
         check_real("reward_default", self.reward_default, optional=True,
                    why="the score of samples the reward function failed on")
         validate_reward_fields(self.reward_funcs, self.reward_weights, self.max_unscored_frac)
+        check_episode_fields(self)
+        if self.env:
+            single = {k: v for k, v in (("reward_norm", self.reward_norm), ("reward_clip", self.reward_clip),
+                                        ("missing_eos_penalty", self.missing_eos_penalty),
+                                        ("stop_strings", self.stop_strings)) if v}
+            if single:
+                raise ValueError(f"{sorted(single)} act on single-response scores; with env={self.env!r} the "
+                                 "environment's step rewards are used as they are (turn them off)")
         check_int_field("replay_capacity", self.replay_capacity, 0, why="rows of the replay buffer; 0 turns it off")
         check_int_field("replay_rows", self.replay_rows, 0)
         if self.replay_capacity < 0 or self.replay_rows < 0 or self.replay_rows > self.replay_capacity:
@@ -333,6 +349,7 @@ def compute_ppo_targets(
     lam: float = 0.95,
     whiten: bool = True,
     kl_reward_placement: str = "token",
+    token_scores: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """The PPO targets of a rollout: KL → shaped rewards → GAE → whitened advantages.
 
@@ -354,6 +371,8 @@ def compute_ppo_targets(
       mask: [N, T] 1.0 on valid response tokens.
       beta: KL coefficient in the reward (0 when the KL is a loss term instead).
       kl_reward_placement: one of KL_REWARD_PLACEMENTS.
+      token_scores: [N, T] float32 rewards at given tokens, added to the shaped rewards
+        (multi-turn episodes: each step's reward at the end of its message), or None.
 
     Returns:
       dict of [N, T] float32 arrays ``kl``, ``rewards``, ``advantages``, ``returns``.
@@ -367,6 +386,8 @@ def compute_ppo_targets(
         rewards = ops.shape_token_rewards(scores - beta * kl.sum(axis=-1), kl, mask, 0.0)
     else:
         rewards = ops.shape_token_rewards(scores, kl, mask, beta)
+    if token_scores is not None:
+        rewards = rewards + jnp.asarray(token_scores, jnp.float32) * mask
     advantages, returns = ops.gae(rewards, values, mask, gamma, lam)
     if whiten:
         advantages = ops.masked_whiten(advantages, mask)
@@ -638,6 +659,7 @@ def train(
     reward_fn: Callable | Sequence[Callable | str] | None = None,
     critic: Any = None,
     reference: Any = None,
+    env: Callable[[], Any] | None = None,
 ) -> TrainResult:
     """Trains ``policy`` with PPO against a reward model and/or a reward function.
 
@@ -658,6 +680,10 @@ def train(
         (``load_hf(kind="value")``); default: a copy of the policy's backbone with a zero
         value head. Must be None with ``config.shared_critic``.
       reference: frozen reference model (default: the initial policy).
+      env: a multi-turn environment factory (``jaxrl_llm.envs``; None: ``config.env``,
+        or single responses when that is empty). Its step rewards replace the reward
+        model / function; observation tokens are masked out of every loss term and GAE
+        carries over them.
 
     Models given as objects are moved onto ``config.mesh`` in place (sharded by the
     rules); paths are loaded straight into their sharding.
@@ -670,7 +696,8 @@ def train(
       [D, 1], replicated.
     """
     reward = resolve_reward(reward_fn, config, required=False)
-    if reward_model is None and reward is None:
+    env_factory = resolve_env(env, config, has_reward=reward_model is not None or reward is not None)
+    if env_factory is None and reward_model is None and reward is None:
         raise ValueError("PPO needs a reward: pass reward_model and/or reward_fn (or set config.reward_funcs)")
     if config.shared_critic and critic is not None:
         raise ValueError("shared_critic=True uses a value head on the policy; do not pass a critic")
@@ -730,7 +757,7 @@ def train(
     graphs = (policy_split.graphdef, None if critic_split is None else critic_split.graphdef)
     rests = (policy_split.rest, None if critic_split is None else critic_split.rest, frozen)
 
-    n_rows, t_len = config.num_rows, config.max_new_tokens
+    n_rows, t_len = config.num_rows, response_width(config)
     state = {
         **placement.place({
             "params": params,
@@ -759,19 +786,34 @@ def train(
 
         # sample: each device decodes its own prompt rows; the rollout comes back whole
         prompt_batch = next(loader)
-        with placement.context():
-            rollout = generate(
-                policy_split.merge(full_policy(params["policy"], frozen)), prompt_batch.tokens, prompt_batch.mask,
-                max_new_tokens=t_len, num_samples=config.samples_per_prompt, temperature=config.temperature,
-                top_k=config.top_k, top_p=config.top_p, stop_token_ids=stop_ids, pad_token_id=pad, rng=k_step,
-                prompt_bucket=0, mesh=placement.mesh,
-            )
-        rollout = apply_stop_strings(placement.to_host(rollout), tokenizer, config.stop_strings)
+        current_policy = policy_split.merge(full_policy(params["policy"], frozen))
+        token_scores, episode_metrics = None, {}
+        if env_factory is not None:  # the environment seed is replayed exactly on resume
+            with placement.context():
+                episodes = generate_episodes(
+                    current_policy, tokenizer, [prompts[i] for i in prompt_batch.indices], env_factory,
+                    max_turns=config.max_turns, max_new_tokens=config.max_new_tokens, max_total_tokens=t_len,
+                    num_samples=config.samples_per_prompt, temperature=config.temperature, top_k=config.top_k,
+                    top_p=config.top_p, stop_token_ids=stop_ids, pad_token_id=pad, rng=k_step,
+                    seed=config.run.seed * 1_000_003 + step, prompt_width=config.max_prompt_len)
+            rollout, token_scores, episode_metrics = episodes.rollout, episodes.step_rewards, episodes.summary()
+        else:
+            with placement.context():
+                rollout = generate(
+                    current_policy, prompt_batch.tokens, prompt_batch.mask,
+                    max_new_tokens=t_len, num_samples=config.samples_per_prompt, temperature=config.temperature,
+                    top_k=config.top_k, top_p=config.top_p, stop_token_ids=stop_ids, pad_token_id=pad, rng=k_step,
+                    prompt_bucket=0, mesh=placement.mesh,
+                )
+            rollout = apply_stop_strings(placement.to_host(rollout), tokenizer, config.stop_strings)
         t_sample = time.perf_counter() - t0
 
-        # score
-        raw, valid = score_rollout(rollout, prompt_batch, tokenizer, config, scorer=scorer,
-                                   reward_model_fn=reward_model_fn)
+        # score (episodes: the step rewards, placed on their tokens below; raw = their sum)
+        if env_factory is not None:
+            raw, valid = episodes.rewards.astype(np.float64), np.ones(n_rows, bool)
+        else:
+            raw, valid = score_rollout(rollout, prompt_batch, tokenizer, config, scorer=scorer,
+                                       reward_model_fn=reward_model_fn)
         reward_stats = state["reward_stats"]
         scores = np.where(valid, raw, 0.0).astype(np.float32)
         if config.reward_norm and valid.any():
@@ -784,14 +826,18 @@ def train(
         t1 = time.perf_counter()
         tokens, full_mask = placement.to_host(rollout.full_tokens())
         mask = (np.asarray(rollout.mask) * valid[:, None]).astype(np.float32)
-        rows = placement.rows({"tokens": tokens, "full_mask": full_mask, "scores": scores, "mask": mask})
+        if token_scores is not None:  # the step rewards stand on their own tokens, not at the end
+            scores = np.zeros_like(scores)
+        rows = placement.rows({"tokens": tokens, "full_mask": full_mask, "scores": scores, "mask": mask,
+                               "token_scores": token_scores})
         with placement.context():
             old_logp, entropy, old_values, ref_logp = _evaluate(params, ref_params, rests, rows["tokens"],
                                                                 rows["full_mask"], graphs=graphs, opts=opts)
             targets = _targets_jit(
                 rows["scores"], old_logp, ref_logp, old_values, rows["mask"],
                 beta=jnp.float32(beta if config.kl_in_reward else 0.0), kl_kind=config.kl_kind, gamma=config.gamma,
-                lam=config.lam, whiten=config.whiten_advantages, kl_reward_placement=config.kl_reward_placement)
+                lam=config.lam, whiten=config.whiten_advantages, kl_reward_placement=config.kl_reward_placement,
+                token_scores=rows["token_scores"])
         # whole-batch host copies: minibatches are cut from them, metrics read them
         evaluated = placement.to_host({"old_logp": old_logp, "entropy": entropy, "old_values": old_values,
                                        "ref_logp": ref_logp, **targets})
@@ -866,6 +912,7 @@ def train(
             "reward_failures": int((~valid).sum()),
             **(scorer.step_metrics() if scorer is not None else {}),
             "replay_rows": replay_used,
+            **episode_metrics,
             "time_sampling": t_sample,
             "time_logprobs": t_logprob,
             "time_update": t_update,

@@ -78,10 +78,12 @@ def test_linear_kl_schedule():
 # ---------------------------------------------------------------- numpy references
 
 
-def ref_targets(scores, logp, ref_logp, values, mask, beta, kind, gamma, lam, whiten, placement="token"):
+def ref_targets(scores, logp, ref_logp, values, mask, beta, kind, gamma, lam, whiten, placement="token",
+                token_scores=None):
     """Shaped rewards → GAE → whitening as plain loops from the papers' definitions.
 
     placement "token": r_t = −β·kl_t, r_last += score; "sequence": r_last = score − β·Σ kl_t.
+    token_scores (multi-turn step rewards): r_t += token_scores_t on valid tokens.
     """
     n, t = logp.shape
     kl = np.zeros((n, t))
@@ -95,6 +97,8 @@ def ref_targets(scores, logp, ref_logp, values, mask, beta, kind, gamma, lam, wh
             rewards[b, i] = -beta * kl[b, i] if placement == "token" else 0.0
         if valid:
             rewards[b, valid[-1]] += scores[b] - (beta * kl[b].sum() if placement == "sequence" else 0.0)
+        for i in valid:
+            rewards[b, i] += 0.0 if token_scores is None else token_scores[b, i]
         next_v = next_a = 0.0
         for i in reversed(valid):  # holes are skipped: the recursion links valid tokens
             delta = rewards[b, i] + gamma * next_v - values[b, i]
