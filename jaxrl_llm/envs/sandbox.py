@@ -59,6 +59,8 @@ import atexit
 import dataclasses
 import functools
 import hashlib
+import importlib.machinery
+import importlib.util
 import io
 import json
 import os
@@ -282,7 +284,8 @@ def _watch_parent(parent_pid: int) -> None:
 def _worker_main() -> None:
     """The worker's loop: messages from the parent on stdin, replies on stdout.
 
-    Messages: ("load", key, pickled callable) → ("loaded",) | ("load_error", type, message);
+    Messages: ("load", key, pickled callable, {module name: file}) → ("loaded",) |
+    ("load_error", type, message);
     ("call", key, arguments, max_chars) → ("ok", text, dropped) | ("error", type, message).
     """
     # The protocol keeps the original stdin / stdout descriptors; fds 0 and 1 become
@@ -303,8 +306,10 @@ def _worker_main() -> None:
         except (EOFError, OSError):
             return
         if message[0] == "load":
-            _, key, blob = message
+            _, key, blob, module_files = message
             try:
+                for module_name, path in module_files.items():
+                    _import_file(module_name, path)
                 functions[key] = pickle.loads(blob)
                 reply = ("loaded",)
             except BaseException as e:  # noqa: BLE001 - reported to the parent
@@ -437,11 +442,11 @@ class Sandbox:
         _kill(self._worker)
         self._worker = None
 
-    def _load(self, worker: _Worker, key: str, blob: bytes, name: str) -> None:
+    def _load(self, worker: _Worker, key: str, blob: bytes, name: str, fn: Callable) -> None:
         if key in worker.loaded:
             return
         try:
-            worker.tx.send(("load", key, blob))
+            worker.tx.send(("load", key, blob, _file_modules(fn)))
             if not worker.rx.poll(self.start_timeout_s):
                 self._discard_worker()
                 raise ToolLoadError(f"tool {name!r}: loading it in the worker took more than {self.start_timeout_s} s")
@@ -483,7 +488,7 @@ class Sandbox:
             name = name or getattr(fn, "name", None) or getattr(fn, "__name__", repr(fn))
             key, blob = self._payload(fn, name)
             worker = self._ensure_worker()
-            self._load(worker, key, blob, name)
+            self._load(worker, key, blob, name, fn)
             start = time.monotonic()
             try:
                 worker.tx.send(("call", key, arguments, max_output_chars))
@@ -532,6 +537,35 @@ def _candidates(fn: Callable) -> list:
     reference, the worker imports only its module), then the object itself."""
     function = getattr(fn, "function", None)
     return [function, fn] if callable(function) else [fn]
+
+
+def _file_modules(fn: Callable) -> dict[str, str]:
+    """{module name: file} of the modules ``fn`` lives in that were loaded from a file
+    path rather than imported by name (an ``--env my_env.py:make_env`` file), so the
+    worker can load them the same way before unpickling."""
+    out = {}
+    for obj in _candidates(fn):
+        target = obj.func if isinstance(obj, functools.partial) else obj
+        name = getattr(target, "__module__", None) or type(target).__module__
+        module = sys.modules.get(name)
+        path = getattr(module, "__file__", None)
+        if module is None or not path or name == "__main__":
+            continue
+        # a dotted name came through a package; a top-level one must be found on sys.path
+        # (PathFinder, unlike importlib.util.find_spec, does not answer from sys.modules)
+        if "." not in name and importlib.machinery.PathFinder.find_spec(name, sys.path) is None:
+            out[name] = path
+    return out
+
+
+def _import_file(name: str, path: str) -> None:
+    """Loads the file ``path`` as module ``name`` (once) in this process."""
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
 
 
 def _pickle_tool(fn: Callable, name: str) -> tuple[Any, bytes]:

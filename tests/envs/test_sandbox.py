@@ -237,3 +237,17 @@ def test_in_process_time_limit_off_the_main_thread_is_not_enforced(sb):
     thread.start()
     thread.join()
     assert result["out"].status == "ok" and result["out"].limit_s is None
+
+
+def test_tools_of_a_file_loaded_by_path_run_in_the_worker(sb, worker, tmp_path):
+    """``--env my_env.py:make_env`` loads the file under a private module name; the
+    worker loads the same file under that name before unpickling its tools."""
+    from jaxrl_llm.rewards.registry import load_callable
+
+    path = tmp_path / "my_file_tools.py"
+    path.write_text("import os\n\ndef times(a: int, b: int) -> int:\n    return a * b\n\n"
+                    "def where() -> str:\n    return str(os.getpid())\n")
+    times = load_callable(f"{path}:times", "env")
+    assert times.__module__.startswith("_jaxrl_llm_env_")
+    assert worker.run(times, {"a": 6, "b": 7}).output == "42"
+    assert worker.run(load_callable(f"{path}:where", "env"), {}).output != str(os.getpid())  # in the worker

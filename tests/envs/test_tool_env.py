@@ -208,7 +208,7 @@ def test_in_process_environment_shares_one_sandbox():
 def test_observations_render_as_tool_responses_in_the_rollout():
     """The env's prompt and observations go through the rollout's own rendering
     (render_prompt / observation_ids) with a Qwen2.5-style template."""
-    multiturn = pytest.importorskip("jaxrl_llm.rollout.multiturn")
+    from jaxrl_llm.rollout import multiturn
     from jaxrl_llm.data.tokenization import render_prompt
 
     tok = qwen_style_tokenizer()
