@@ -156,3 +156,44 @@ def response_text(response: Any, what: str = "response") -> str:
             f"{what} given as messages must end with an assistant turn, got role "
             f"{messages[-1]['role']!r}.")
     return messages[-1]["content"]
+
+
+_SENTINEL = "\u2063jaxrl-llm-turn-end\u2063"  # marks where the assistant's text ends in a rendering
+
+
+def observation_ids(tokenizer: Any, observation: Sequence[dict], *, tools: Sequence[dict] | None = None,
+                    stop_text: str = "") -> list[int]:
+    """Token ids the chat template puts between the end of an assistant message and the
+    start of the next one, with ``observation`` in between.
+
+    Rendered as a difference of two renderings of a stand-in conversation (user,
+    assistant), with and without the observation (and the generation prompt), so the ids
+    are exactly what the template would write after any assistant message. When the
+    policy's message ended with a stop token whose text opens the difference (e.g. Qwen's
+    "<|im_end|>"), that text is dropped: the stop token is already in the sequence.
+
+    Args:
+      tokenizer: an HF tokenizer with a chat template, or a CharTokenizer.
+      observation: chat messages to append (e.g. ``{"role": "tool", "content": ...}``).
+      tools: the environment's tool schemas (rendered the same way in both texts).
+      stop_text: decoded text of the policy's stop token ("" if none).
+
+    Returns:
+      list[int] token ids (the end-of-turn text, the observation turns, the header of
+      the next assistant turn).
+    """
+    if observation:
+        check_messages(list(observation), "observation")
+    stand_in = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _SENTINEL}]
+    extra = {"tools": list(tools)} if tools else {}
+    before = tokenizer.apply_chat_template(stand_in, tokenize=False, add_generation_prompt=False, **extra)
+    after = tokenizer.apply_chat_template(stand_in + list(observation), tokenize=False,
+                                          add_generation_prompt=True, **extra)
+    cut = before.rfind(_SENTINEL)
+    if cut < 0 or after[: cut + len(_SENTINEL)] != before[: cut + len(_SENTINEL)]:
+        raise ValueError("the chat template renders an assistant message differently when messages follow it; "
+                         "observation tokens cannot be appended to a multi-turn rollout with this template")
+    delta = after[cut + len(_SENTINEL):]
+    if stop_text and delta.startswith(stop_text):
+        delta = delta[len(stop_text):]
+    return encode_text(tokenizer, delta)
