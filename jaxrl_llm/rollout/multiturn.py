@@ -107,15 +107,16 @@ def _logits_at(model, hidden):
 def _extend(graphdef, state, cache, logits, tokens, mask):
     """Appends [N, L] tokens (mask 1 on real ones) to the cache in one forward.
 
-    Returns the advanced cache and [N, V] next-token logits: after each row's last new
-    token, or ``logits`` unchanged for rows with no new token.
+    Returns the advanced cache, [N, V] next-token logits (after each row's last new
+    token, or ``logits`` unchanged for rows with no new token) and the [M, N, L, k]
+    expert choices of the new tokens (None for dense models).
     """
     model = nnx.merge(graphdef, state)
     out = model.forward(tokens, cache=cache, attention_mask=mask, return_hidden=True)
     last = last_valid_index(mask)
     hidden = jnp.take_along_axis(out.hidden, last[:, None, None], axis=1)[:, 0]
     has_new = jnp.any(mask > 0, axis=1)
-    return out.cache, jnp.where(has_new[:, None], _logits_at(model, hidden), logits)
+    return out.cache, jnp.where(has_new[:, None], _logits_at(model, hidden), logits), out.routing
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "min_p",
@@ -128,17 +129,19 @@ def _decode_turn(graphdef, state, cache, logits, budget, rng, *, max_new_tokens,
       tokens [N, max_new_tokens] int32, logprobs / raw_logprobs [N, max_new_tokens]
       float32 (sampling distribution / temperature-1 policy), count [N] int32 tokens
       written, stopped [N] bool (a stop token ended the message), the cache with every
-      written token in it, [N, V] logits after each row's last token.
+      written token in it, [N, V] logits after each row's last token, and the
+      [M, N, max_new_tokens, k] expert choices of the written tokens (None: dense model).
     """
     model = nnx.merge(graphdef, state)
     n = budget.shape[0]
+    moe_layers = getattr(model.config, "num_moe_layers", 0)
     stop_ids = jnp.asarray(stop_token_ids if stop_token_ids else (-1,), jnp.int32)
 
     def cond(carry):
         return (carry[0] < max_new_tokens) & ~jnp.all(carry[6])
 
     def body(carry):
-        step, cache, logits, tokens, logps, raw, done, stopped, count, rng = carry
+        step, cache, logits, tokens, logps, raw, done, stopped, count, rng, routing = carry
         rng, key = jax.random.split(rng)
         token, logp = sample_token(key, logits, temperature, top_k=top_k, top_p=top_p, min_p=min_p)
         live = ~done
@@ -154,13 +157,17 @@ def _decode_turn(graphdef, state, cache, logits, budget, rng, *, max_new_tokens,
         out = model.forward(token[:, None], cache=cache, attention_mask=live[:, None].astype(jnp.int32),
                             return_hidden=True)
         logits = jnp.where(live[:, None], _logits_at(model, out.hidden[:, 0]), logits)
-        return step + 1, out.cache, logits, tokens, logps, raw, done, stopped | is_stop, count, rng
+        if routing is not None:
+            routing = jax.lax.dynamic_update_slice(routing, out.routing, (0, 0, step, 0))
+        return step + 1, out.cache, logits, tokens, logps, raw, done, stopped | is_stop, count, rng, routing
 
     zeros = jnp.zeros((n, max_new_tokens), jnp.float32)
+    routing = (jnp.zeros((moe_layers, n, max_new_tokens, model.config.num_experts_per_tok), jnp.int32)
+               if moe_layers else None)
     init = (jnp.zeros((), jnp.int32), cache, logits, jnp.full((n, max_new_tokens), pad_token_id, jnp.int32), zeros,
-            zeros, budget <= 0, jnp.zeros((n,), jnp.bool_), jnp.zeros((n,), jnp.int32), rng)
-    _, cache, logits, tokens, logps, raw, _, stopped, count, _ = jax.lax.while_loop(cond, body, init)
-    return tokens, logps, raw, count, stopped, cache, logits
+            zeros, budget <= 0, jnp.zeros((n,), jnp.bool_), jnp.zeros((n,), jnp.int32), rng, routing)
+    _, cache, logits, tokens, logps, raw, _, stopped, count, _, routing = jax.lax.while_loop(cond, body, init)
+    return tokens, logps, raw, count, stopped, cache, logits, routing
 
 
 # ---------------------------------------------------------------------------- host loop
@@ -273,8 +280,10 @@ def generate_episodes(
     graphdef, state = nnx.split(model)
     vocab = model.config.vocab_size
     cache = model.init_cache(n, bucket_length(width + max_new_tokens, cache_bucket))
-    cache, logits = _extend(graphdef, state, cache, jnp.zeros((n, vocab), jnp.float32),
-                            jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask))
+    cache, logits, prompt_routing = _extend(graphdef, state, cache, jnp.zeros((n, vocab), jnp.float32),
+                                            jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask))
+    # MoE: the expert choices of every token, to replay them in the training forward
+    routes = None if prompt_routing is None else [[] for _ in range(n)]  # per row: [M, k] per token
 
     tokens = [[] for _ in range(n)]
     logps = [[] for _ in range(n)]
@@ -298,7 +307,7 @@ def generate_episodes(
         cache = _ensure_room(cache, max_new_tokens, cache_bucket)
         out = _decode_turn(graphdef, state, cache, logits, jnp.asarray(budget), jax.random.fold_in(rng, turn),
                            max_new_tokens=max_new_tokens, **options)
-        new, new_logp, new_raw, count, stopped, cache, logits = out
+        new, new_logp, new_raw, count, stopped, cache, logits, new_routing = out
         new, new_logp, new_raw, count, stopped = map(np.asarray, (new, new_logp, new_raw, count, stopped))
 
         observations: dict[int, list[int]] = {}
@@ -309,6 +318,8 @@ def generate_episodes(
             logps[i] += new_logp[i, :c].tolist()
             raws[i] += new_raw[i, :c].tolist()
             policy[i] += [1] * c
+            if routes is not None:
+                routes[i] += list(np.moveaxis(np.asarray(new_routing[:, i, :c]), 1, 0))
             turns[i] += 1
             ended_by_stop = bool(stopped[i])
             text = decode_ids(tokenizer, ids[:-1] if ended_by_stop else ids)
@@ -346,7 +357,11 @@ def generate_episodes(
             obs_width = bucket_length(max(len(o) for o in observations.values()), 16)
             obs_tokens, obs_mask = _pad_rows([observations.get(i, []) for i in range(n)], obs_width, pad_token_id)
             cache = _ensure_room(cache, obs_width, cache_bucket)
-            cache, logits = _extend(graphdef, state, cache, logits, jnp.asarray(obs_tokens), jnp.asarray(obs_mask))
+            cache, logits, obs_routing = _extend(graphdef, state, cache, logits, jnp.asarray(obs_tokens),
+                                                 jnp.asarray(obs_mask))
+            if routes is not None:
+                for i, obs in observations.items():
+                    routes[i] += list(np.moveaxis(np.asarray(obs_routing[:, i, :len(obs)]), 1, 0))
 
     reasons = [r or "max_turns" for r in reasons]
     out_tokens, sequence_mask = _pad_rows(tokens, max_total_tokens, pad_token_id)
@@ -361,8 +376,21 @@ def generate_episodes(
         finished=np.array([r != "length" for r in reasons]),
         raw_logprobs=pack(raws, dtype=np.float32),
         sequence_mask=sequence_mask,
+        routing=None if routes is None else _pack_routing(np.asarray(prompt_routing), routes, max_total_tokens),
     )
     return Episodes(rollout, rewards, step_rewards, turns, reasons, info_sums, conversations)
+
+
+def _pack_routing(prompt_routing: np.ndarray, routes: list[list[np.ndarray]], width: int) -> np.ndarray:
+    """[M, N, P + T, k] int32: the prompt's expert choices, then each row's response
+    tokens' (policy and observation, in order), zeros after the end."""
+    m, n, p, k = prompt_routing.shape
+    out = np.zeros((m, n, p + width, k), np.int32)
+    out[:, :, :p] = prompt_routing
+    for i, r in enumerate(routes):
+        if r:
+            out[:, i, p:p + len(r)] = np.moveaxis(np.stack(r), 0, 1)
+    return out
 
 
 def _pack_values(rows: Sequence[Sequence[float]], width: int, dtype) -> np.ndarray:

@@ -93,9 +93,9 @@ def test_logits_after_appended_observation_equal_a_fresh_prefill(model):
     graphdef, state = nnx.split(model)
     cache = model.init_cache(n, p + t + o)
     zeros = jnp.zeros((n, model.config.vocab_size))
-    cache, _ = _extend(graphdef, state, cache, zeros, jnp.asarray(prompt), jnp.asarray(prompt_mask))
-    cache, _ = _extend(graphdef, state, cache, zeros, jnp.asarray(turn), jnp.ones((n, t), jnp.int32))
-    _, logits = _extend(graphdef, state, cache, zeros, jnp.asarray(obs), jnp.asarray(obs_mask))
+    cache, _, _ = _extend(graphdef, state, cache, zeros, jnp.asarray(prompt), jnp.asarray(prompt_mask))
+    cache, _, _ = _extend(graphdef, state, cache, zeros, jnp.asarray(turn), jnp.ones((n, t), jnp.int32))
+    _, logits, _ = _extend(graphdef, state, cache, zeros, jnp.asarray(obs), jnp.asarray(obs_mask))
     for i in range(n):
         seq = np.concatenate([prompt[i][prompt_mask[i] > 0], turn[i], obs[i][obs_mask[i] > 0]])
         fresh, _ = model(jnp.asarray(seq)[None])
@@ -146,6 +146,19 @@ def test_finish_reasons_and_rewards(model):
     assert np.all(np.asarray(ep.rollout.lengths) == 4)
     summary = ep.summary()
     assert summary["finish_length"] == 1.0 and summary["policy_tokens_mean"] == 4.0
+
+
+def test_moe_expert_choices_are_recorded_for_every_token():
+    moe = CausalLM(tiny_config("qwen3_moe"), rngs=nnx.Rngs(0))
+    r = run(moe, num_samples=2).rollout
+    assert r.routing is not None and r.routing.shape[2] == r.prompt_tokens.shape[1] + r.tokens.shape[1]
+    tokens, mask = r.full_tokens()
+    fresh = moe.forward(jnp.asarray(tokens), attention_mask=jnp.asarray(mask), return_hidden=True).routing
+    same = np.all(np.sort(np.asarray(r.full_routing()), -1) == np.sort(np.asarray(fresh), -1), axis=-1)  # [M, N, L]
+    valid = np.broadcast_to(np.asarray(mask)[None] > 0, same.shape)
+    observation = np.asarray(r.sequence_mask) - np.asarray(r.mask)
+    assert observation.sum() > 0  # observation tokens' choices are recorded too
+    assert same[valid].mean() == 1.0
 
 
 def test_greedy_first_turn_matches_single_turn_generate(model):
