@@ -15,7 +15,7 @@ a notebook run are the same run. Inputs are local paths only (no hub downloads):
              or your own ``path/to/file.py:function`` / ``package.module:function``;
              repeat it for several rewards, weighted by ``reward_weights=[1.0,0.1]``
              (the same as the config's ``reward_funcs``)
-  --env      (grpo) a multi-turn environment factory ``path/to/file.py:factory`` /
+  --env      (grpo, ppo) a multi-turn environment factory ``path/to/file.py:factory`` /
              ``package.module:factory`` (``jaxrl_llm.envs``): episodes with tool calls,
              scored by the environment (the config's ``env``; ``max_turns=…``,
              ``max_total_tokens=…`` bound them)
@@ -45,6 +45,10 @@ import sys
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import jaxrl_llm
+
+
+ENV_HELP = ("multi-turn environment factory, path/to/file.py:factory or package.module:factory (tool use; "
+            "episodes scored by the environment instead of --reward; docs/tools.md)")
 
 
 def _load_policy(spec: str):
@@ -284,8 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = stage("grpo", _grpo, "GRPO / Dr. GRPO / DAPO / GSPO / RLOO with a verifiable reward")
     g.add_argument("--preset", default="grpo", help="grpo | dr_grpo | dapo | gspo | rloo")
     g.add_argument("--reward", action="append", help=REWARD_HELP)
-    g.add_argument("--env", help="multi-turn environment factory, path/to/file.py:factory or package.module:factory "
-                                 "(tool use; episodes scored by the environment instead of --reward)")
+    g.add_argument("--env", help=ENV_HELP)
     g.add_argument("--out", default="results", help="quick-start output root (no --policy/--data)")
     g.add_argument("--quick", action="store_true", help="quick-start: a few steps only")
     g.add_argument("--seed", type=int, default=0, help="quick-start seed (data split, model, sampling)")
@@ -296,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("ppo", _ppo, "PPO with GAE, KL-shaped rewards and a critic")
     p.add_argument("--reward", action="append", help=REWARD_HELP)
     p.add_argument("--reward-model", dest="reward_model", help="reward model checkpoint directory")
+    p.add_argument("--env", help=ENV_HELP)
     return parser
 
 

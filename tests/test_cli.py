@@ -151,3 +151,32 @@ def test_reward_model_then_ppo_pipeline(tmp_path, arithmetic_jsonl):
                  "run.progress=false", "prompts_per_step=2", "max_prompt_len=8", "max_new_tokens=4", "ppo_epochs=1"]) == 0
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert "kl" in row and "explained_variance" in row
+
+
+def test_ppo_stage_with_an_environment(tmp_path, arithmetic_jsonl):
+    env = tmp_path / "guess_env.py"
+    env.write_text(
+        "from jaxrl_llm.envs import StepResult\n\n"
+        "class Env:\n"
+        "    def reset(self, record, *, seed):\n"
+        "        self.n = 0\n"
+        "        return [{'role': 'user', 'content': record['prompt']}]\n\n"
+        "    def step(self, text):\n"
+        "        self.n += 1\n"
+        "        if self.n < 2:\n"
+        "            return StepResult([{'role': 'tool', 'content': 'again'}], 0.0, False, {'asked': 1.0})\n"
+        "        return StepResult(None, float(len(text) % 2), True, {'asked': 0.0})\n")
+    out = tmp_path / "ppo_env"
+    args = ["ppo", "--policy", "tiny:llama", "--tokenizer", "char", "--data", str(arithmetic_jsonl),
+            "--env", f"{env}:Env", f"run.output_dir={out}", "run.total_steps=1", "run.progress=false",
+            "prompts_per_step=2", "samples_per_prompt=2", "max_prompt_len=32", "max_new_tokens=6", "max_turns=2",
+            "max_total_tokens=48", "stop_token_ids=[97,98,99,100,101,102,103,104,105,106,107,108,109,110]"]
+    assert main(args) == 0
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["env"] == f"{env}:Env" and resolved["max_turns"] == 2
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["turns_mean"] >= 1 and "finish_length" in row
+    with pytest.raises(ValueError, match="either as --env or as env in the config"):
+        main([*args, f"env={env}:Env"])
+    with pytest.raises(ValueError, match="scored by its rewards"):
+        main([*args[:7], "--reward", "arithmetic", *args[7:], "run.overwrite=true"])
