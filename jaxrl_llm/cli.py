@@ -189,6 +189,19 @@ def _dpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distill(args: argparse.Namespace) -> int:
+    from jaxrl_llm.data import load_records
+    from jaxrl_llm.train import distill
+    from jaxrl_llm.train.config import load_config
+
+    _require(args, "policy", "teacher", "tokenizer", "data")
+    config = load_config(distill.DistillConfig, args.config, args.overrides)
+    result = distill.train(config, student=_load_policy(args.policy), teacher=_load_policy(args.teacher),
+                           tokenizer=_load_tokenizer(args.tokenizer), prompts=load_records(args.data, required=()))
+    _finish(result)
+    return 0
+
+
 def _rft(args: argparse.Namespace) -> int:
     from jaxrl_llm.data import load_records
     from jaxrl_llm.train import rft
@@ -292,7 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="results", help="quick-start output root (no --policy/--data)")
     g.add_argument("--quick", action="store_true", help="quick-start: a few steps only")
     g.add_argument("--seed", type=int, default=0, help="quick-start seed (data split, model, sampling)")
-    stage("dpo", _dpo, "DPO / cDPO / robust / IPO / hinge on prompt/chosen/rejected records")
+    stage("dpo", _dpo, "DPO / cDPO / robust / IPO / hinge / SimPO / ORPO on prompt/chosen/rejected records; "
+                       "KTO (loss_kind=kto) on unpaired prompt/completion/label records")
+    d = stage("distill", _distill, "distillation into --policy from --teacher (GKD: on-policy student samples "
+                                   "scored token by token by the teacher, mixed with dataset completions)")
+    d.add_argument("--teacher", help="teacher: HF checkpoint dir, tiny:<family> or a named model (same tokenizer)")
     r = stage("rft", _rft, "rejection-sampling fine-tuning with a reward function")
     r.add_argument("--reward", action="append", help=REWARD_HELP)
     stage("reward", _reward_model, "reward model (Bradley–Terry / Plackett–Luce) on preference records")

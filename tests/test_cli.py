@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import yaml
 
@@ -180,3 +181,25 @@ def test_ppo_stage_with_an_environment(tmp_path, arithmetic_jsonl):
         main([*args, f"env={env}:Env"])
     with pytest.raises(ValueError, match="scored by its rewards"):
         main([*args[:7], "--reward", "arithmetic", *args[7:], "run.overwrite=true"])
+
+
+def test_distill_and_kto_stages(tmp_path):
+    data = tmp_path / "kd.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["answer"]}) + "\n"
+                            for r in make_arithmetic_dataset(8, 0)))
+    out = tmp_path / "distill"
+    assert main(["distill", "--policy", "tiny:llama", "--teacher", "tiny:qwen2", "--tokenizer", "char",
+                 "--data", str(data), f"run.output_dir={out}", "run.total_steps=2", "run.progress=false",
+                 "prompts_per_step=4", "max_prompt_len=8", "max_new_tokens=4", "lmbda=0.5", "divergence=jsd"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(np.isfinite(r["divergence"]) and r["on_policy"] in (0.0, 1.0) for r in rows)
+    with pytest.raises(SystemExit, match="missing --teacher"):
+        main(["distill", "--policy", "tiny:llama", "--tokenizer", "char", "--data", str(data)])
+    unpaired = tmp_path / "kto.jsonl"
+    unpaired.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["answer"], "label": i % 2 == 0})
+                                + "\n" for i, r in enumerate(make_arithmetic_dataset(8, 0))))
+    out = tmp_path / "kto"
+    assert main(["dpo", "--policy", "tiny:llama", "--tokenizer", "char", "--data", str(unpaired),
+                 f"run.output_dir={out}", "run.total_steps=2", "run.progress=false", "loss_kind=kto",
+                 "batch_size=4", "max_len=16"]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2

@@ -13,6 +13,9 @@ messages must end with an assistant turn; see ``data.formats``):
   rank of ``responses[i]`` (lower is better, equal ranks are ties), or
   ``{"prompt", "responses": [K], "scores": [K]}`` (higher is better).
 
+- unpaired (KTO, TRL's format): ``{"prompt", "completion", "label": bool}``, ``label``
+  True for a desirable completion; loaded by ``UnpairedLoader`` into ``UnpairedBatch``.
+
 ``expand_kwise_to_pairs`` turns a k-wise record into all pairs (better one as chosen;
 K responses without ties give K(K-1)/2 pairs). ``preferences_from_scores`` builds records
 from a judge's scores. ``cohens_kappa`` measures agreement between two judges.
@@ -469,6 +472,122 @@ class PreferenceLoader(BatchLoader):
 
         def collate(batch, longest):
             return collate_fn(batch, pad_token_id=pad, bucket=bucket, max_len=max_len, longest=longest)
+
+        super().__init__(examples, collate, batch_size, row_length=_example_length, seed=seed, shuffle=shuffle,
+                         drop_last=drop_last, num_epochs=num_epochs,
+                         process_index=process_index, process_count=process_count)
+
+
+# --------------------------------------------------------------------------- unpaired (KTO)
+
+
+def unpaired_label(record: Mapping[str, Any], index: int) -> bool:
+    """The ``label`` of unpaired (KTO) record ``index``: True for a desirable completion.
+
+    Raises:
+      ValueError: a missing label, or one that is not a bool (or 0 / 1), naming the record.
+    """
+    value = record.get("label")
+    if value is None:
+        raise ValueError(f"record {index} has no 'label': unpaired (KTO) records are "
+                         f"{{'prompt', 'completion', 'label': bool}}; fields present: {sorted(record)}.")
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, float, np.integer, np.floating)) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"record {index}: label={value!r} must be a bool (True: desirable completion).")
+
+
+def tokenize_unpaired(records: Sequence[Mapping[str, Any]], tokenizer, *, max_len: int,
+                      overlong: str = "truncate", add_bos: bool = False,
+                      add_eos: bool = True) -> tuple[list[PreferenceExample], PreferenceStats]:
+    """Tokenizes unpaired records ``{"prompt", "completion", "label": bool}``.
+
+    Each becomes a ``PreferenceExample`` with one response (the completion) and
+    ``label`` 1.0 (desirable) or 0.0; over-length handling as ``tokenize_preferences``.
+    """
+    as_pairs = []
+    for i, rec in enumerate(records):
+        for field in ("prompt", "completion"):
+            if rec.get(field) is None:
+                raise ValueError(f"record {i} is missing field {field!r}: unpaired (KTO) records are "
+                                 f"{{'prompt', 'completion', 'label': bool}}; fields present: {sorted(rec)}.")
+        unpaired_label(rec, i)
+        as_pairs.append({"prompt": rec["prompt"], "chosen": rec["completion"], "rejected": rec["completion"]})
+    examples, stats = tokenize_preferences(as_pairs, tokenizer, max_len=max_len, overlong=overlong,
+                                           add_bos=add_bos, add_eos=add_eos)
+    examples = [dataclasses.replace(ex, response_ids=ex.response_ids[:1],
+                                    label=float(unpaired_label(records[ex.index], ex.index)))
+                for ex in examples]
+    return examples, stats
+
+
+@flax.struct.dataclass
+class UnpairedBatch:
+    """B unpaired completions and B mismatched (prompt, completion) rows for KTO's KL term.
+
+    Attributes:
+      tokens: [2B, L] int32: rows 0..B−1 are prompt_i + completion_i; rows B..2B−1 are
+        prompt_i + completion_{(i − 1) mod B} (completion cut at L − len(prompt_i)).
+      mask: [2B, L] float32, 1.0 on completion tokens.
+      attention_mask: [2B, L] int32, 1 on real tokens.
+      labels: [B] float32, 1.0 for a desirable completion, 0.0 for an undesirable one.
+    """
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    attention_mask: np.ndarray
+    labels: np.ndarray
+
+
+def collate_unpaired(examples: Sequence[PreferenceExample], *, pad_token_id: int, bucket=16,
+                     max_len: int | None = None, longest: int | None = None) -> UnpairedBatch:
+    """Builds an ``UnpairedBatch``; the mismatched rows pair prompt i with completion i − 1
+    (mod B) of this batch (TRL's ``KTOTrainer`` shifts completions by one the same way).
+
+    L = bucket of the longest row, the mismatched ones included (at least ``longest``),
+    capped at max_len.
+    """
+    b = len(examples)
+    rows = [ex.prompt_ids + ex.response_ids[0] for ex in examples]
+    kl_rows = [(ex.prompt_ids + examples[(i - 1) % b].response_ids[0])[:max_len] for i, ex in enumerate(examples)]
+    plens = [len(ex.prompt_ids) for ex in examples] * 2
+    length = bucket_length(max([len(r) for r in rows + kl_rows] + [longest or 0]), bucket, max_len)
+    tokens, attention = pad_rows(rows + kl_rows, length, pad_token_id)
+    return UnpairedBatch(tokens=tokens, mask=_response_mask(attention, plens), attention_mask=attention,
+                         labels=np.asarray([ex.label for ex in examples], np.float32))
+
+
+class UnpairedLoader(BatchLoader):
+    """Deterministic, resumable iterator of ``UnpairedBatch`` (KTO).
+
+    Args:
+      records: unpaired records ``{"prompt", "completion", "label": bool}``.
+      tokenizer, batch_size, max_len, seed, shuffle, drop_last, overlong, bucket,
+      add_bos, add_eos, num_epochs, process_index, process_count: as ``PreferenceLoader``
+      (batch_size ≥ 2: the mismatched rows need another completion; with several
+      processes the mismatched pairs are formed within each process's slice, and
+      bucket="max" keeps every process at the same L).
+
+    Attributes:
+      records: the records; stats: PreferenceStats of the over-length policy.
+    """
+
+    def __init__(self, records: Sequence[Mapping[str, Any]], tokenizer, batch_size: int, *,
+                 max_len: int, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
+                 overlong: str = "truncate", bucket=16, add_bos: bool = False, add_eos: bool = True,
+                 num_epochs: int | None = None, process_index: int = 0, process_count: int = 1):
+        check_bucket(bucket)
+        if batch_size < 2:
+            raise ValueError(f"batch_size={batch_size}; unpaired (KTO) batches need >= 2 records "
+                             "(the KL term pairs each prompt with another record's completion).")
+        self.records = [dict(r) for r in records]
+        examples, self.stats = tokenize_unpaired(self.records, tokenizer, max_len=max_len, overlong=overlong,
+                                                 add_bos=add_bos, add_eos=add_eos)
+        pad = pad_id(tokenizer)
+
+        def collate(batch, longest):
+            return collate_unpaired(batch, pad_token_id=pad, bucket=bucket, max_len=max_len, longest=longest)
 
         super().__init__(examples, collate, batch_size, row_length=_example_length, seed=seed, shuffle=shuffle,
                          drop_last=drop_last, num_epochs=num_epochs,

@@ -13,6 +13,12 @@ from jaxrl_llm.ops.advantages import (
     rloo_advantages,
     shape_token_rewards,
 )
+from jaxrl_llm.ops.distillation import (
+    DISTILL_KINDS,
+    distill_divergence,
+    distill_loss,
+    divergence_from_logits,
+)
 from jaxrl_llm.ops.kl import KL_KINDS, adaptive_kl_coef, kl_penalty
 from jaxrl_llm.ops.logprobs import entropy_from_logits, logprobs_from_hidden, token_logprobs
 from jaxrl_llm.ops.masked import (
@@ -28,7 +34,11 @@ from jaxrl_llm.ops.preference_losses import (
     DPO_KINDS,
     bradley_terry_loss,
     dpo_loss,
+    kto_loss,
+    kto_reference_point,
+    orpo_loss,
     plackett_luce_loss,
+    simpo_loss,
     tie_half_accuracy,
 )
 from jaxrl_llm.ops.rewards import overlong_penalty, sequence_logprobs
@@ -36,30 +46,38 @@ from jaxrl_llm.ops.supervised import sft_loss
 
 __all__ = [
     "AGGREGATION_MODES",
+    "DISTILL_KINDS",
     "DPO_KINDS",
     "GROUP_SCALES",
     "KL_KINDS",
     "adaptive_kl_coef",
     "aggregate_loss",
     "bradley_terry_loss",
+    "distill_divergence",
+    "distill_loss",
+    "divergence_from_logits",
     "dpo_loss",
     "entropy_from_logits",
     "gae",
     "group_advantages",
     "gspo_policy_loss",
     "kl_penalty",
+    "kto_loss",
+    "kto_reference_point",
     "last_valid_index",
     "logprobs_from_hidden",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "orpo_loss",
     "overlong_penalty",
     "plackett_luce_loss",
     "ppo_policy_loss",
     "rloo_advantages",
     "sequence_logprobs",
     "sft_loss",
+    "simpo_loss",
     "tie_half_accuracy",
     "shape_token_rewards",
     "token_logprobs",

@@ -1,12 +1,18 @@
 """Offline preference optimisation: DPO and its variants (cDPO, robust DPO, IPO, hinge /
 SLiC), with length normalisation (SimPO-style), an RPO-style NLL term on the chosen
-response, reference-free training, and a precomputed (cached) reference.
+response, reference-free training, and a precomputed (cached) reference; the
+reference-free SimPO and ORPO; and KTO on unpaired desirable / undesirable completions.
 
 Per step: a batch of B (prompt, chosen, rejected) pairs → ONE forward of the policy over
 the concatenated ``[2B, L]`` rows (chosen rows first) → response-token log-probs via the
 chunked ``ops.logprobs_from_hidden`` (prompt and padding masked) → sequence log-probs →
 ``ops.dpo_loss`` against the frozen reference's sequence log-probs (computed the same
 way inside the jitted step, or looked up in a cache built once over the dataset).
+
+KTO (``loss_kind="kto"``) reads unpaired records ``{prompt, completion, label: bool}``;
+its ``[2B, L]`` rows are the B completions then B mismatched rows (prompt i with
+completion i − 1 of the batch) whose policy − reference log-ratio gives the KL reference
+point z0 (``ops.kto_reference_point``).
 
 Shapes: B pairs per step, L tokens per row (prompt + response, right-padded), T = L − 1
 predicted positions.
@@ -16,6 +22,8 @@ References:
   Azar et al. 2023, IPO, https://arxiv.org/abs/2310.12036
   Meng et al. 2024, SimPO (length-normalised, reference-free), https://arxiv.org/abs/2405.14734
   Pang et al. 2024, Iterative RPO (NLL term on chosen), https://arxiv.org/abs/2404.19733
+  Hong et al. 2024, ORPO, https://arxiv.org/abs/2403.07691
+  Ethayarajh et al. 2024, KTO, https://arxiv.org/abs/2402.01306
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ from jaxrl_llm.data.preferences import (
     OVERLONG_PREFERENCE_POLICIES,
     PreferenceBatch,
     PreferenceLoader,
+    UnpairedBatch,
+    UnpairedLoader,
     collate_pairs,
     is_kwise,
     preference_label,
@@ -56,6 +66,9 @@ from jaxrl_llm.train.validation import check_int_field, check_positive_ints, che
 logger = logging.getLogger(__name__)
 
 REFERENCE_CACHE = "reference_logprobs.npz"
+# ops.DPO_KINDS plus the losses with their own op: SimPO and ORPO (reference-free) and KTO.
+REFERENCE_FREE_KINDS = ("simpo", "orpo")
+LOSS_KINDS = ops.DPO_KINDS + REFERENCE_FREE_KINDS + ("kto",)
 DATA_STATS = "data_stats.json"
 
 
@@ -65,19 +78,30 @@ class DPOConfig:
 
     Attributes:
       run, optim: loop and optimizer settings.
-      beta: β, the strength of the implicit KL constraint (> 0).
-      loss_kind: one of ``ops.DPO_KINDS``: "sigmoid" (DPO; cDPO with label_smoothing > 0),
-        "robust" (provably robust DPO), "ipo", "hinge" (SLiC).
-      label_smoothing: ε, the assumed fraction of flipped labels (sigmoid / robust only).
+      beta: β, the strength of the implicit KL constraint (> 0); SimPO's reward scale β;
+        ORPO's weight λ of the odds-ratio term (TRL's ``beta`` in each case).
+      loss_kind: one of ``LOSS_KINDS``: "sigmoid" (DPO; cDPO with label_smoothing > 0),
+        "robust" (provably robust DPO), "ipo", "hinge" (SLiC); "simpo" (``ops.simpo_loss``,
+        reference-free, length-normalised), "orpo" (``ops.orpo_loss``: NLL of the chosen
+        response + β·odds-ratio term, reference-free, length-normalised), "kto"
+        (``ops.kto_loss`` on unpaired records ``{prompt, completion, label: bool}``).
+        SimPO and ORPO load and keep no reference model.
+      label_smoothing: ε, the assumed fraction of flipped labels (sigmoid / robust / simpo).
+      simpo_gamma: SimPO's target reward margin γ ≥ 0 (TRL's ``simpo_gamma``).
+      kto_desirable_weight, kto_undesirable_weight: KTO's λ_D, λ_U > 0 (TRL's
+        ``desirable_weight`` / ``undesirable_weight``).
       length_normalize: sequence log-probs are divided by the response length (SimPO /
-        ORPO style) for policy and reference alike.
-      sft_weight: α of an RPO-style term α·NLL(chosen) (token mean over chosen responses).
+        ORPO style) for policy and reference alike (DPO kinds; "simpo" and "orpo" always
+        normalise; not with "kto").
+      sft_weight: α of an RPO-style term α·NLL(chosen) (token mean over chosen responses;
+        with "simpo" it is CPO's ``cpo_alpha``; not with "orpo", whose loss holds the NLL,
+        nor "kto").
       reference_free: the reference log-probs are 0 (no reference model; with
         length_normalize this is SimPO without its margin).
       precompute_reference: compute the reference's sequence log-probs once over the
         dataset before training and cache them (also in output_dir), so the reference
         model is not kept in memory during training.
-      batch_size: B pairs per step.
+      batch_size: B pairs per step (KTO: B unpaired completions, at least 2).
       max_len: longest prompt + response row; longer responses are truncated (counted).
       bucket: row-length rounding of the loader ("max": always max_len, compiles once).
       overlong: "truncate" | "error" | "drop" for rows longer than max_len.
@@ -95,6 +119,9 @@ class DPOConfig:
     beta: float = 0.1
     loss_kind: str = "sigmoid"
     label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
     length_normalize: bool = False
     sft_weight: float = 0.0
     reference_free: bool = False
@@ -112,13 +139,18 @@ class DPOConfig:
     def __post_init__(self):
         check_positive_ints(self, ("batch_size", "logprob_chunk_size"))
         check_int_field("max_len", self.max_len, 2, why="a prompt and a response token")
-        if self.loss_kind not in ops.DPO_KINDS:
-            raise ValueError(f"loss_kind must be one of {ops.DPO_KINDS}, got {self.loss_kind!r}")
+        if self.loss_kind not in LOSS_KINDS:
+            raise ValueError(f"loss_kind must be one of {LOSS_KINDS}, got {self.loss_kind!r}")
         check_real("beta", self.beta, low=0, low_open=True, why="β, the strength of the implicit KL constraint")
         check_real("label_smoothing", self.label_smoothing, low=0, high=0.5, high_open=True,
                    why="the assumed fraction of flipped labels; at 0.5 the preference carries no signal")
-        if self.label_smoothing and self.loss_kind not in ("sigmoid", "robust"):
-            raise ValueError(f"label_smoothing applies to loss_kind 'sigmoid' or 'robust', not {self.loss_kind!r}")
+        if self.label_smoothing and self.loss_kind not in ("sigmoid", "robust", "simpo"):
+            raise ValueError(f"label_smoothing applies to loss_kind 'sigmoid', 'robust' or 'simpo', "
+                             f"not {self.loss_kind!r}")
+        check_real("simpo_gamma", self.simpo_gamma, low=0, why="SimPO's target reward margin γ")
+        for name in ("kto_desirable_weight", "kto_undesirable_weight"):
+            check_real(name, getattr(self, name), low=0, low_open=True, why="a KTO loss weight (λ_D, λ_U)")
+        self._check_kind_options()
         for name in ("sft_weight", "moe_aux_coef"):
             check_real(name, getattr(self, name), low=0, why="a loss weight; 0 turns the term off")
         if self.reference_free and self.precompute_reference:
@@ -126,6 +158,30 @@ class DPOConfig:
         if self.overlong not in OVERLONG_PREFERENCE_POLICIES:
             raise ValueError(f"overlong must be one of {OVERLONG_PREFERENCE_POLICIES}, got {self.overlong!r}")
         check_bucket(self.bucket)
+
+    def _check_kind_options(self) -> None:
+        """Options that do not apply to the chosen loss_kind are errors, not ignored."""
+        kind = self.loss_kind
+        if kind in REFERENCE_FREE_KINDS and self.precompute_reference:
+            raise ValueError(f"precompute_reference must be False with loss_kind={kind!r} (reference-free: "
+                             "no reference model is used)")
+        if kind == "orpo" and self.sft_weight:
+            raise ValueError("sft_weight must be 0 with loss_kind='orpo': ORPO's loss already holds the NLL of "
+                             "the chosen response (weight 1); beta weighs the odds-ratio term")
+        if kind == "kto":
+            for name in ("sft_weight", "reference_free", "precompute_reference", "length_normalize"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} must be {'0' if name == 'sft_weight' else 'False'} with "
+                                     f"loss_kind='kto' (KTO needs the reference on summed log-probs, and its "
+                                     "KL rows depend on the batch, so they cannot be cached)")
+            if self.batch_size < 2:
+                raise ValueError(f"batch_size must be >= 2 with loss_kind='kto' (the KL reference point pairs "
+                                 f"each prompt with another record's completion), got {self.batch_size}")
+
+
+def uses_reference(config: DPOConfig) -> bool:
+    """True when the loss needs the reference model's log-probs."""
+    return not config.reference_free and config.loss_kind not in REFERENCE_FREE_KINDS
 
 
 # ---------------------------------------------------------------------------- data
@@ -248,13 +304,77 @@ def make_preference_loader(
     return loader, data_stats
 
 
-def batch_arrays(batch: PreferenceBatch) -> dict[str, np.ndarray]:
+@dataclasses.dataclass(frozen=True)
+class UnpairedDataStats:
+    """What happened to the unpaired (KTO) records before training.
+
+    Attributes:
+      records: records given.
+      desirable, undesirable: records kept with label True / False.
+      overlong_truncated: records whose completion was cut at max_len (kept).
+      overlong_dropped: records dropped as too long.
+      kept: records trained on.
+    """
+
+    records: int
+    desirable: int
+    undesirable: int
+    overlong_truncated: int
+    overlong_dropped: int
+    kept: int
+
+
+def make_unpaired_loader(
+    config: DPOConfig, tokenizer: Any, records: Any, *, shuffle: bool = True
+) -> tuple[UnpairedLoader, UnpairedDataStats]:
+    """Loads and tokenizes unpaired records ``{prompt, completion, label: bool}`` (KTO).
+
+    Args:
+      config: DPOConfig (batch_size, max_len, bucket, overlong, add_bos, run.seed).
+      tokenizer: HF tokenizer or CharTokenizer.
+      records: a list of dicts, ``datasets`` object or local path (as ``load_records``).
+      shuffle: shuffle every epoch.
+
+    Returns:
+      (UnpairedLoader, UnpairedDataStats). A warning names the desirable / undesirable
+      counts when one kind is missing (KTO then learns from one side only).
+    """
+    records = load_records(records, required=())
+    loader = UnpairedLoader(records, tokenizer, config.batch_size, max_len=config.max_len, seed=config.run.seed,
+                            shuffle=shuffle, drop_last=shuffle, overlong=config.overlong, bucket=config.bucket,
+                            add_bos=config.add_bos)
+    desirable = sum(ex.label > 0 for ex in loader.items)
+    undesirable = len(loader.items) - desirable
+    if not desirable or not undesirable:
+        logger.warning("unpaired (KTO) records: %d desirable, %d undesirable; one side is empty",
+                       desirable, undesirable)
+    stats = loader.stats
+    if stats.truncated or stats.dropped:
+        logger.warning("unpaired records over max_len=%d: %d truncated, %d dropped",
+                       config.max_len, stats.truncated, stats.dropped)
+    return loader, UnpairedDataStats(records=len(records), desirable=desirable, undesirable=undesirable,
+                                     overlong_truncated=stats.truncated, overlong_dropped=stats.dropped,
+                                     kept=len(loader.items))
+
+
+def batch_arrays(batch: PreferenceBatch | UnpairedBatch) -> dict[str, np.ndarray]:
     """The concatenated ``[2B, L]`` host arrays of a batch: tokens, attention_mask, mask
-    (1.0 on response tokens), chosen rows first. Host arrays, so ``Placement.rows``
+    (1.0 on response tokens), chosen rows first (an ``UnpairedBatch``: completions first,
+    then the mismatched KL rows, plus ``labels`` [B]). Host arrays, so ``Placement.rows``
     transfers each process only its own rows."""
+    if isinstance(batch, UnpairedBatch):
+        return {"tokens": np.asarray(batch.tokens, np.int32),
+                "attention_mask": np.asarray(batch.attention_mask, np.int32),
+                "mask": np.asarray(batch.mask, np.float32), "labels": np.asarray(batch.labels, np.float32)}
     tokens, mask, attention = batch.concatenated()
     return {"tokens": np.asarray(tokens, np.int32), "attention_mask": np.asarray(attention, np.int32),
             "mask": np.asarray(mask, np.float32)}
+
+
+def _num_tokens(batch: PreferenceBatch | UnpairedBatch) -> float:
+    if isinstance(batch, UnpairedBatch):
+        return float(np.asarray(batch.attention_mask).sum())
+    return float(np.asarray(batch.chosen_attention_mask).sum() + np.asarray(batch.rejected_attention_mask).sum())
 
 
 # ---------------------------------------------------------------------------- loss
@@ -290,8 +410,14 @@ def dpo_objective(
     ref_sums: jax.Array,
     lengths: jax.Array,
     config: DPOConfig,
+    *,
+    chosen_nll: jax.Array | None = None,
+    labels: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The preference loss on summed sequence log-probs of a ``[2B]`` batch.
+
+    For loss_kind "simpo", "orpo" (which needs ``chosen_nll`` []) and "kto" (which needs
+    ``labels`` [B]) see ``_objective_other``; what follows is the DPO kinds.
 
     With length_normalize the policy and reference sums are divided by the response
     length (a row with no response token counts as length 1). Reference log-probs are
@@ -310,6 +436,8 @@ def dpo_objective(
       (the k1 estimator; chosen responses are data, not samples of π, so this measures
       drift from the reference rather than an unbiased KL).
     """
+    if config.loss_kind not in ops.DPO_KINDS:
+        return _objective_other(pi_sums, ref_sums, lengths, config, chosen_nll=chosen_nll, labels=labels)
     ref_sums = jax.lax.stop_gradient(jnp.zeros_like(pi_sums) if config.reference_free else ref_sums)
     lengths = jax.lax.stop_gradient(lengths)
     if config.length_normalize:
@@ -333,6 +461,37 @@ def dpo_objective(
     return loss, metrics
 
 
+def _objective_other(pi_sums, ref_sums, lengths, config: DPOConfig, *, chosen_nll=None, labels=None):
+    """SimPO / ORPO / KTO on summed sequence log-probs of a ``[2B]`` batch.
+
+    simpo: ``ops.simpo_loss`` (chosen rows first; ref_sums unused);
+    orpo:  ``ops.orpo_loss`` with ``chosen_nll`` [] (ref_sums unused);
+    kto:   rows 0..B−1 are the completions (``labels`` [B]), rows B..2B−1 the mismatched
+           KL rows: z0 = ``ops.kto_reference_point`` of the KL rows, then ``ops.kto_loss``
+           (z0 is a constant, so the KL rows get no gradient).
+    """
+    lengths = jax.lax.stop_gradient(lengths)
+    pi_c, pi_r = jnp.split(pi_sums, 2)
+    n_c, n_r = jnp.split(lengths, 2)
+    if config.loss_kind == "simpo":
+        return ops.simpo_loss(pi_c, pi_r, n_c, n_r, beta=config.beta, gamma=config.simpo_gamma,
+                              label_smoothing=config.label_smoothing)
+    if config.loss_kind == "orpo":
+        if chosen_nll is None:
+            raise ValueError("loss_kind='orpo' needs chosen_nll (the NLL of the chosen responses)")
+        return ops.orpo_loss(pi_c, pi_r, n_c, n_r, chosen_nll, lam=config.beta)
+    if labels is None:
+        raise ValueError("loss_kind='kto' needs labels [B] (1.0: desirable completion)")
+    ref_c, ref_kl = jnp.split(jax.lax.stop_gradient(ref_sums), 2)
+    z0 = ops.kto_reference_point(pi_r, ref_kl)
+    loss, metrics = ops.kto_loss(pi_c, ref_c, labels, z0, beta=config.beta,
+                                 desirable_weight=config.kto_desirable_weight,
+                                 undesirable_weight=config.kto_undesirable_weight)
+    metrics["logps"] = jax.lax.stop_gradient(jnp.mean(pi_c))
+    metrics["ref_logps"] = jnp.mean(ref_c)
+    return loss, metrics
+
+
 def dpo_forward_loss(
     model: nnx.Module,
     batch: Mapping[str, jax.Array],
@@ -349,14 +508,17 @@ def dpo_forward_loss(
       config: DPOConfig.
 
     Returns:
-      (loss, metrics) with ``pref_loss`` (the DPO-family term) and, when sft_weight > 0,
-      ``sft_loss``.
+      (loss, metrics) with ``pref_loss`` (the DPO-family term; for ORPO the whole ORPO
+      loss, its parts in ``nll`` and ``or_loss``) and, when sft_weight > 0, ``sft_loss``.
     """
     sums, lengths, token_logp, aux = sequence_logprobs(model, batch, config.logprob_chunk_size)
-    loss, metrics = dpo_objective(sums, ref_sums, lengths, config)
+    b = token_logp.shape[0] // 2
+    chosen_nll = None
+    if config.loss_kind == "orpo":
+        chosen_nll, _ = ops.sft_loss(token_logp[:b], batch["mask"][:b, 1:], "token_mean")
+    loss, metrics = dpo_objective(sums, ref_sums, lengths, config, chosen_nll=chosen_nll, labels=batch.get("labels"))
     metrics["pref_loss"] = loss
     if config.sft_weight:
-        b = token_logp.shape[0] // 2
         nll, _ = ops.sft_loss(token_logp[:b], batch["mask"][:b, 1:], "token_mean")
         loss = loss + config.sft_weight * nll
         metrics["sft_loss"] = nll
@@ -469,10 +631,12 @@ def train(
         records ``{prompt, responses, ranking | scores}`` (expanded into pairs, ties
         dropped), prompts and responses as strings or chat messages; a list of dicts, a
         ``datasets`` object, or a local .jsonl / .json / .parquet file or
-        ``save_to_disk`` directory.
+        ``save_to_disk`` directory. With loss_kind "kto": unpaired records
+        ``{prompt, completion, label: bool}`` (TRL's format).
       reference: frozen reference model or checkpoint path (default: the initial policy
         parameters — jax arrays are immutable, so nothing is copied). Unused when
-        reference_free.
+        reference_free; an error with loss_kind "simpo" / "orpo" (reference-free: no
+        reference model is loaded or kept).
 
     Returns:
       TrainResult (trained model, sharded on ``config.mesh``; per-step metrics,
@@ -482,11 +646,15 @@ def train(
       ``reference_logprobs.npz``.
     """
     # Every split array holds 2B rows (chosen then rejected): B dividing data × fsdp suffices.
+    _check_reference_given(config, reference)
     check_tokenizer_fits(policy, tokenizer)
     check_tokenizer_fits(reference, tokenizer)
     placement = make_placement(config.mesh, policy, {"batch_size": config.batch_size})
     model = placed_model(policy, placement)
-    loader, data_stats = make_preference_loader(config, tokenizer, preferences)
+    if config.loss_kind == "kto":
+        loader, data_stats = make_unpaired_loader(config, tokenizer, preferences)
+    else:
+        loader, data_stats = make_preference_loader(config, tokenizer, preferences)
     batches = _IndexedLoader(loader)
     split = split_model(model)
     tx = make_optimizer(config.optim, config.run.total_steps)
@@ -498,7 +666,7 @@ def train(
         (loop.output_dir / DATA_STATS).write_text(json.dumps(dataclasses.asdict(data_stats), indent=1))
 
     ref_split = ref_params = cache = None
-    if not config.reference_free:
+    if uses_reference(config):
         ref_model = placed_model(reference, placement) if reference is not None else None
         if config.precompute_reference:
             cache = _load_or_compute_cache(ref_model or model, loader, config, loop.output_dir, pad_id(tokenizer),
@@ -528,11 +696,16 @@ def train(
         state = {"params": params, "opt_state": opt_state}
         finite, metrics = placement.to_host((finite, metrics))
         metrics = {k: float(v) for k, v in metrics.items()}
-        metrics["tokens_per_s"] = float(np.asarray(batch.chosen_attention_mask).sum()
-                                        + np.asarray(batch.rejected_attention_mask).sum()) / max(time.perf_counter() - t0, 1e-9)
+        metrics["tokens_per_s"] = _num_tokens(batch) / max(time.perf_counter() - t0, 1e-9)
         loop.end_step(step, state, metrics, finite=bool(finite), meta={"loader": batches.state_dict()})
     final = apply_lora(frozen, state["params"], config.lora) if frozen else state["params"]
     return loop.finish(state, model=split.merge(final), tokenizer=tokenizer)
+
+
+def _check_reference_given(config: DPOConfig, reference: Any) -> None:
+    if reference is not None and config.loss_kind in REFERENCE_FREE_KINDS:
+        raise ValueError(f"reference= must be None with loss_kind={config.loss_kind!r}: the loss is "
+                         "reference-free, so no reference model is loaded or kept")
 
 
 def _load_or_compute_cache(reference: nnx.Module, loader: PreferenceLoader, config: DPOConfig,
@@ -580,6 +753,9 @@ def evaluate(
       scored elsewhere), not as a wrong preference, so the reference model scores 0.5.
     """
     b = config.batch_size
+    if config.loss_kind == "kto":
+        raise ValueError("evaluate does not support loss_kind='kto' yet (it scores preference pairs)")
+    _check_reference_given(config, reference)
     check_tokenizer_fits(policy, tokenizer)
     check_tokenizer_fits(reference, tokenizer)
     placement = make_placement(config.mesh, policy, {"batch_size": b})
@@ -587,7 +763,7 @@ def evaluate(
     loader, _ = make_preference_loader(config, tokenizer, preferences, shuffle=False)
     split = split_model(model)
     ref_split = None
-    if not config.reference_free:
+    if uses_reference(config):
         ref_split = split_model(placed_model(reference, placement)) if reference is not None else split
 
     @jax.jit
@@ -595,7 +771,8 @@ def evaluate(
         sums, lengths, _, _ = sequence_logprobs(split.merge(params), batch, config.logprob_chunk_size)
         ref = jnp.zeros_like(sums) if ref_split is None else \
             sequence_logprobs(ref_split.merge(ref_params), batch, config.logprob_chunk_size)[0]
-        norm = jnp.maximum(lengths, 1.0) if config.length_normalize else 1.0
+        normalize = config.length_normalize or config.loss_kind in REFERENCE_FREE_KINDS  # SimPO / ORPO: always
+        norm = jnp.maximum(lengths, 1.0) if normalize else 1.0
         pc, pr = jnp.split(sums / norm, 2)
         rc, rr = jnp.split(config.beta * (sums - ref) / norm, 2)
         return {"reward_accuracy": ops.tie_half_accuracy(rc, rr), "reward_margin": rc - rr, "chosen_reward": rc,

@@ -77,7 +77,7 @@ def naive_sequence_logprobs(model, batch, length_normalize=False):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(loss_kind="kto"), "loss_kind"), (dict(beta=0.0), "beta"), (dict(label_smoothing=0.5), "label_smoothing"),
+    (dict(loss_kind="dpo"), "loss_kind"), (dict(beta=0.0), "beta"), (dict(label_smoothing=0.5), "label_smoothing"),
     (dict(loss_kind="ipo", label_smoothing=0.1), "label_smoothing"), (dict(sft_weight=-1.0), "sft_weight"),
     (dict(reference_free=True, precompute_reference=True), "reference_free"), (dict(overlong="cut"), "overlong"),
     (dict(max_len=1), "max_len"),
