@@ -202,6 +202,20 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _online_dpo(args: argparse.Namespace) -> int:
+    from jaxrl_llm.data import load_records
+    from jaxrl_llm.train import online_dpo
+    from jaxrl_llm.train.config import from_dict
+
+    _require(args, "policy", "tokenizer", "data")
+    config = from_dict(online_dpo.OnlineDPOConfig, _config_dict(args))
+    _require_reward(args, config)
+    result = online_dpo.train(config, policy=_load_policy(args.policy), tokenizer=_load_tokenizer(args.tokenizer),
+                              prompts=load_records(args.data, required=()))
+    _finish(result)
+    return 0
+
+
 def _rft(args: argparse.Namespace) -> int:
     from jaxrl_llm.data import load_records
     from jaxrl_llm.train import rft
@@ -310,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = stage("distill", _distill, "distillation into --policy from --teacher (GKD: on-policy student samples "
                                    "scored token by token by the teacher, mixed with dataset completions)")
     d.add_argument("--teacher", help="teacher: HF checkpoint dir, tiny:<family> or a named model (same tokenizer)")
+    o = stage("online-dpo", _online_dpo, "online DPO: the policy samples K answers per prompt, the reward picks "
+                                         "best vs worst, one DPO step per batch of pairs")
+    o.add_argument("--reward", action="append", help=REWARD_HELP)
     r = stage("rft", _rft, "rejection-sampling fine-tuning with a reward function")
     r.add_argument("--reward", action="append", help=REWARD_HELP)
     stage("reward", _reward_model, "reward model (Bradley–Terry / Plackett–Luce) on preference records")

@@ -203,3 +203,12 @@ def test_distill_and_kto_stages(tmp_path):
                  f"run.output_dir={out}", "run.total_steps=2", "run.progress=false", "loss_kind=kto",
                  "batch_size=4", "max_len=16"]) == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_online_dpo_stage(tmp_path, arithmetic_jsonl):
+    out = tmp_path / "odpo"
+    assert main(["online-dpo", "--policy", "tiny:llama", "--tokenizer", "char", "--data", str(arithmetic_jsonl),
+                 "--reward", "arithmetic", f"run.output_dir={out}", "run.total_steps=2", "run.progress=false",
+                 "prompts_per_step=2", "samples_per_prompt=4", "max_prompt_len=8", "max_new_tokens=4"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all("pairs" in r for r in rows)
