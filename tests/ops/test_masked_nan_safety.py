@@ -120,6 +120,51 @@ def _dpo(kind, length_normalize=False):
     return Case(fn, inputs, dict.fromkeys(names, MASKED), names)
 
 
+def _reference_free(kind):
+    """SimPO / ORPO on per-sequence sums and token counts of masked per-token log-probs."""
+    names = ("pi_chosen", "pi_rejected")
+    inputs = {n: _bt(85 + i, 0.5, -2.0) for i, n in enumerate(names)}
+    lengths = jnp.asarray(MASK.sum(axis=-1))
+
+    def fn(chosen, rejected):
+        seqs = [ops.sequence_logprobs(x, MASK) for x in (chosen, rejected)]
+        if kind == "simpo":
+            return seqs, ops.simpo_loss(*seqs, lengths, lengths, beta=2.0, gamma=0.5)
+        nll = -ops.masked_mean(chosen, MASK)
+        return seqs, ops.orpo_loss(*seqs, lengths, lengths, nll, lam=0.1)
+
+    return Case(fn, inputs, dict.fromkeys(names, MASKED), names)
+
+
+def _kto():
+    names = ("pi", "ref", "pi_kl", "ref_kl")
+    inputs = {n: _bt(87 + i, 0.5, -2.0) for i, n in enumerate(names)}
+    labels = jnp.asarray([1.0, 0.0, 1.0, 0.0])
+
+    def fn(*token_logps):
+        pi, ref, pi_kl, ref_kl = [ops.sequence_logprobs(x, MASK) for x in token_logps]
+        z0 = ops.kto_reference_point(pi_kl, ref_kl)
+        return pi, ops.kto_loss(pi, ref, labels, z0, beta=0.5)
+
+    return Case(fn, inputs, dict.fromkeys(names, MASKED), names)
+
+
+def _distill(kind):
+    rng = _rng(97)
+    inputs = {"student_hidden": rng.standard_normal((B, T, D)).astype(np.float32),
+              "student_unembed": rng.standard_normal((D, V)).astype(np.float32),
+              "teacher_hidden": rng.standard_normal((B, T, D + 1)).astype(np.float32),
+              "teacher_unembed": rng.standard_normal((D + 1, V)).astype(np.float32)}
+    masked = {"student_hidden": np.broadcast_to(MASKED[..., None], (B, T, D)),
+              "teacher_hidden": np.broadcast_to(MASKED[..., None], (B, T, D + 1))}
+
+    def fn(hs, ws, ht, wt):
+        per_token = ops.distill_divergence(hs, ws, ht, wt, MASK, kind=kind, beta=0.3, chunk_size=5)
+        return per_token, ops.distill_loss(per_token, MASK)
+
+    return Case(fn, inputs, masked, ("student_hidden", "student_unembed"))
+
+
 def _logits_case(fn, with_tokens=True):
     logits = (_rng(90).standard_normal((B, T, V)) * 2).astype(np.float32)
     inputs = {"logits": logits}
@@ -174,6 +219,10 @@ CASES: dict[str, Callable[[], Case]] = {
     "sequence_logprobs-length-normalize": lambda: _case_1(lambda x: ops.sequence_logprobs(x, MASK, True), shift=-2.0),
     **{f"dpo_loss-{kind}": (lambda kind=kind: _dpo(kind)) for kind in ops.DPO_KINDS},
     "dpo_loss-length-normalize": lambda: _dpo("sigmoid", length_normalize=True),
+    "simpo_loss": lambda: _reference_free("simpo"),
+    "orpo_loss": lambda: _reference_free("orpo"),
+    "kto_loss": _kto,
+    **{f"distill_divergence-{kind}": (lambda kind=kind: _distill(kind)) for kind in ops.DISTILL_KINDS},
     **{f"sft_loss-{mode}": (lambda mode=mode: _case_1(lambda x: ops.sft_loss(x, MASK, mode), shift=-2.0))
        for mode in ops.AGGREGATION_MODES},
     "token_logprobs": lambda: _logits_case(
