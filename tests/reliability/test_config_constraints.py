@@ -22,9 +22,11 @@ import pytest
 from jaxrl_llm.parallel import MeshConfig
 from jaxrl_llm.train.candidates import CandidateConfig
 from jaxrl_llm.train.config import load_config
+from jaxrl_llm.train.distill import DistillConfig
 from jaxrl_llm.train.dpo import DPOConfig
 from jaxrl_llm.train.grpo import PRESETS, GRPOConfig
 from jaxrl_llm.train.loop import RunConfig
+from jaxrl_llm.train.online_dpo import OnlineDPOConfig
 from jaxrl_llm.train.lora import LoRAConfig
 from jaxrl_llm.train.optim import OptimConfig
 from jaxrl_llm.train.ppo import PPOConfig
@@ -164,6 +166,25 @@ CASES = [
      r"mesh.num_devices=2, but mesh.data × mesh.fsdp × mesh.tensor = 2 × 2 × 1 = 4"),
     ("mesh-num_devices-not-divisible", MeshConfig, dict(data=-1, fsdp=3, num_devices=4),
      r"mesh.num_devices=4 is not divisible by 3, the product of the sizes other than mesh.data=-1"),
+    # ---- multi-turn episodes (GRPO / PPO), distillation, online DPO, the new DPO kinds
+    ("grpo-max_turns=0", GRPOConfig, dict(max_turns=0), r"max_turns must be >= 1 \(assistant messages per episode\), got 0"),
+    ("grpo-max_total_tokens<max_new_tokens", GRPOConfig, dict(max_new_tokens=16, max_total_tokens=8),
+     r"max_total_tokens must be >= 16 or None .*got 8"),
+    ("grpo-env-not-a-spec", GRPOConfig, dict(env=3), r"env must be a factory spec string .*got 3"),
+    ("grpo-env-with-overlong", GRPOConfig, dict(env="m:f", overlong_buffer=4),
+     r"overlong_buffer=4 penalises single responses; with env='m:f'"),
+    ("ppo-env-with-reward_norm", PPOConfig, dict(env="m:f", reward_norm=True),
+     r"\['reward_norm'\] act on single-response scores; with env='m:f'"),
+    ("distill-lmbda>1", DistillConfig, dict(lmbda=1.5), r"lmbda must be in \[0, 1\] .*got 1.5"),
+    ("distill-divergence", DistillConfig, dict(divergence="kl"), r"divergence must be one of .*got 'kl'"),
+    ("distill-beta-nan", DistillConfig, dict(beta=NAN), r"beta must be in \[0, 1\] .*got nan"),
+    ("distill-temperature=0", DistillConfig, dict(distill_temperature=0.0),
+     r"distill_temperature must be > 0 .*got 0.0"),
+    ("distill-teacher_top_k=0", DistillConfig, dict(teacher_top_k=0), r"teacher_top_k must be >= 1 or None .*got 0"),
+    ("online_dpo-samples_per_prompt=1", OnlineDPOConfig, dict(samples_per_prompt=1),
+     r"samples_per_prompt must be >= 2 \(a pair needs two answers\), got 1"),
+    ("online_dpo-loss_kind", OnlineDPOConfig, dict(loss_kind="kto"), r"loss_kind must be one of .*got 'kto'"),
+    ("online_dpo-temperature=0", OnlineDPOConfig, dict(temperature=0.0), r"temperature must be > 0 .*got 0.0"),
 ]
 
 
@@ -187,8 +208,8 @@ def test_bad_input_config_override(case, cls, overrides, message):
         load_config(cls, overrides=overrides)
 
 
-CONFIGS = [GRPOConfig, PPOConfig, DPOConfig, RFTConfig, SFTConfig, RewardConfig, CandidateConfig,
-           OptimConfig, LoRAConfig, RunConfig, MeshConfig]
+CONFIGS = [GRPOConfig, PPOConfig, DPOConfig, RFTConfig, SFTConfig, RewardConfig, CandidateConfig, DistillConfig,
+           OnlineDPOConfig, OptimConfig, LoRAConfig, RunConfig, MeshConfig]
 
 
 @pytest.mark.parametrize("cls", CONFIGS, ids=[c.__name__ for c in CONFIGS])
