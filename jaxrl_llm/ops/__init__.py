@@ -30,6 +30,7 @@ from jaxrl_llm.ops.masked import (
     masked_whiten,
 )
 from jaxrl_llm.ops.policy_losses import gspo_policy_loss, ppo_policy_loss, value_loss
+from jaxrl_llm.ops.rollout_correction import IS_LEVELS, IS_MODES, rollout_correction
 from jaxrl_llm.ops.preference_losses import (
     DPO_KINDS,
     bradley_terry_loss,
@@ -49,6 +50,8 @@ __all__ = [
     "DISTILL_KINDS",
     "DPO_KINDS",
     "GROUP_SCALES",
+    "IS_LEVELS",
+    "IS_MODES",
     "KL_KINDS",
     "adaptive_kl_coef",
     "aggregate_loss",
@@ -61,6 +64,7 @@ __all__ = [
     "gae",
     "group_advantages",
     "gspo_policy_loss",
+    "rollout_correction",
     "kl_penalty",
     "kto_loss",
     "kto_reference_point",

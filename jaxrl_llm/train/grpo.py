@@ -53,7 +53,14 @@ from jaxrl_llm.train.policy import (
     split_model,
 )
 from jaxrl_llm.train.scoring import RewardScorer, resolve_reward, validate_reward_fields
-from jaxrl_llm.train.validation import check_int_field, check_policy_clip, check_positive_ints, check_real, check_sampling
+from jaxrl_llm.train.validation import (
+    check_int_field,
+    check_policy_clip,
+    check_positive_ints,
+    check_real,
+    check_rollout_correction,
+    check_sampling,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +105,15 @@ class GRPOConfig:
       router_update_every: MoE two-stage updates — router trained only every k-th step.
       moe_aux_coef: weight of the MoE load-balancing loss.
       router_z_coef: MoE router regulariser — weight of the ST-MoE router z-loss.
-      tis_cap: truncated importance-sampling cap C for rollout/trainer mismatch (None: off).
+      tis_cap: rollout correction for the sampler/trainer mismatch (None: off): the
+        importance weights π_train / π_rollout of the sampled tokens are capped at C
+        (``tis_mode="truncate"``, TIS), or tokens whose ratio leaves [tis_lower, C] are
+        rejected from the loss (``"mask"``, MIS); ``ops.rollout_correction``.
+      tis_level: "token", "sequence" (product of the ratios) or "geometric" (their
+        per-token geometric mean) — the ratio the bound applies to.
+      tis_mode: "truncate" or "mask".
+      tis_lower: the lower rejection bound (mode "mask"; None: 1 / tis_cap).
+      tis_veto: reject a whole response holding a token ratio below this (None: off).
       reward_default: score for samples the reward function failed on (an exception or
         NaN; None: the sample is excluded from the loss, as when it returns None).
       reward_funcs: reward specs used when ``train`` gets no ``reward_fn``: built-in names,
@@ -159,6 +174,10 @@ class GRPOConfig:
     moe_aux_coef: float = 0.0
     router_z_coef: float = 0.0
     tis_cap: float | None = None
+    tis_level: str = "token"
+    tis_mode: str = "truncate"
+    tis_lower: float | None = None
+    tis_veto: float | None = None
     reward_default: float | None = None
     reward_funcs: tuple[str, ...] = ()
     reward_weights: tuple[float, ...] | None = None
@@ -214,6 +233,7 @@ class GRPOConfig:
         if self.tis_cap is not None and self.policy_loss != "ppo":
             raise ValueError(f"tis_cap={self.tis_cap} applies to policy_loss='ppo' only; "
                              f"policy_loss={self.policy_loss!r} ignores it (set tis_cap=None)")
+        check_rollout_correction(self)
         check_real("reward_default", self.reward_default, optional=True,
                    why="the score of samples the reward function failed on")
         validate_reward_fields(self.reward_funcs, self.reward_weights, self.max_unscored_frac)
@@ -660,8 +680,13 @@ def train(
                 old_logp = placement.to_host(logprob_fn(policy_params, tokens_d, full_mask_d, routing_d)[0])
         if config.tis_cap is not None:
             log_w = old_logp - np.asarray(rollout.raw_logprobs)
-            tis_weight = np.minimum(np.exp(np.clip(log_w, -20, 20)), config.tis_cap).astype(np.float32)
-            metrics_extra["rollout_mismatch_abs"] = float(ops.masked_mean(np.abs(log_w), mask))
+            weights, kept, is_metrics = ops.rollout_correction(
+                old_logp, np.asarray(rollout.raw_logprobs), mask, upper=config.tis_cap, lower=config.tis_lower,
+                level=config.tis_level, mode=config.tis_mode, veto=config.tis_veto)
+            tis_weight = np.asarray(weights, np.float32)
+            mask = mask * np.asarray(kept, np.float32)  # rejected tokens leave the loss and its normaliser
+            metrics_extra.update({k: float(v) for k, v in is_metrics.items()})
+            metrics_extra["rollout_mismatch_abs"] = float(ops.masked_mean(np.abs(log_w), np.asarray(rollout.mask)))
         ref_logp = None
         if has_ref:
             with placement.context():

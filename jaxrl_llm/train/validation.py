@@ -136,3 +136,33 @@ def check_policy_clip(clip_low: Any, clip_high: Any, dual_clip: Any = None) -> N
                why="dual-clip PPO bounds a negative-advantage token's loss by -dual_clip·A, its loss at "
                    "ratio dual_clip; at or below ratio 1 that bound cuts into the clipped surrogate; "
                    "None turns it off")
+
+
+def check_rollout_correction(config: Any) -> None:
+    """The rollout-correction fields (``tis_cap``, ``tis_level``, ``tis_mode``,
+    ``tis_lower``, ``tis_veto``; ``ops.rollout_correction``): valid values, and no option
+    set while ``tis_cap`` is None (it would be ignored)."""
+    from jaxrl_llm.ops.rollout_correction import IS_LEVELS, IS_MODES
+
+    if config.tis_level not in IS_LEVELS:
+        raise ValueError(f"tis_level must be one of {IS_LEVELS}, got {config.tis_level!r}")
+    if config.tis_mode not in IS_MODES:
+        raise ValueError(f"tis_mode must be one of {IS_MODES}, got {config.tis_mode!r}")
+    check_real("tis_veto", config.tis_veto, low=0, high=1, low_open=True, optional=True,
+               why="responses holding a token ratio below it are rejected; None: off")
+    if config.tis_cap is None:
+        set_ = [f"{name}={getattr(config, name)!r}" for name, default in
+                (("tis_level", "token"), ("tis_mode", "truncate"), ("tis_lower", None), ("tis_veto", None))
+                if getattr(config, name) != default]
+        if set_:
+            raise ValueError(f"{', '.join(set_)} need tis_cap (the correction is off with tis_cap=None)")
+        return
+    if config.tis_mode == "truncate" and config.tis_lower is not None:
+        raise ValueError(f"tis_lower={config.tis_lower} is a rejection bound: it applies to tis_mode='mask' only")
+    if config.tis_mode == "mask":
+        lower = 1.0 / config.tis_cap if config.tis_lower is None else config.tis_lower
+        check_real("tis_lower", lower, low=0, low_open=True, why="the lower rejection bound (None: 1 / tis_cap)")
+        if not lower < config.tis_cap:
+            raise ValueError(f"tis_lower must be < tis_cap={config.tis_cap} (None: 1 / tis_cap, so tis_cap > 1), "
+                             f"got {lower}")
+

@@ -311,3 +311,32 @@ def test_failing_reward_samples_are_excluded_not_fatal(tmp_path, char_setup):
         assert row["reward_failures"] == 6  # 3 None + 3 NaN of 8
         assert row["reward_unscored_frac"] == 0.75
         assert np.isfinite(row["loss"])
+
+
+def test_rollout_correction_in_the_trainer(tmp_path, char_setup):
+    """TIS / MIS options reach the update: on-policy sampling gives ratios ≈ 1 (nothing
+    rejected by a 2× band); a band narrower than float noise rejects tokens, and those
+    leave the loss."""
+    tok, data = char_setup
+    reward = lambda p, c, **k: [float(len(x) % 2) for x in c]  # noqa: E731
+    wide = _run_config(tmp_path / "wide", "grpo", tis_cap=2.0, tis_mode="mask", tis_level="geometric", tis_veto=1e-4)
+    rows = train(wide, policy=CausalLM(tiny_config("llama", **TINY), rngs=nnx.Rngs(0)), tokenizer=tok, prompts=data,
+                 reward_fn=reward).history
+    for row in rows:
+        assert abs(row["is_mean"] - 1) < 1e-3 and row["is_masked_fraction"] == 0 and abs(row["mismatch_kl"]) < 1e-3
+    narrow = _run_config(tmp_path / "narrow", "grpo", tis_cap=1 + 1e-7, tis_lower=1 - 1e-7, tis_mode="mask")
+    rows = train(narrow, policy=CausalLM(tiny_config("llama", **TINY), rngs=nnx.Rngs(0)), tokenizer=tok,
+                 prompts=data, reward_fn=reward).history
+    assert any(row["is_masked_fraction"] > 0 for row in rows)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tis_mode="mask"), r"tis_mode='mask' need tis_cap"),
+    (dict(tis_cap=2.0, tis_level="batch"), "tis_level must be one of"),
+    (dict(tis_cap=2.0, tis_lower=0.5), "tis_lower=0.5 is a rejection bound"),
+    (dict(tis_cap=1.0, tis_mode="mask"), "tis_lower must be < tis_cap=1.0"),
+    (dict(tis_cap=2.0, tis_veto=1.5), "tis_veto must be in"),
+])
+def test_rollout_correction_options_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GRPOConfig(**kwargs)
