@@ -17,6 +17,28 @@ concatenated, so ``loss_mask`` is 1 on exactly the response tokens (eos included
 (With SentencePiece-style tokenizers that prefix a word-boundary marker to every encoded
 string, the response's first token carries that marker, as after a space.)
 
+Every assistant turn (``assistant_turns="all"``; default ``"last"``): a ``messages``
+conversation (or a conversational prompt + completion) is tokenized exactly like a
+multi-turn rollout's episode (``rollout.multiturn``), so SFT on a tool-use conversation
+trains the very token sequence the policy later samples and is trained on by RL:
+
+- prompt: the messages before the FIRST assistant turn, rendered with the generation
+  prompt (and the record's ``tools`` field, if any, as ``tools=`` of the template);
+- for each assistant turn: its content ids + eos (loss mask 1), then the non-assistant
+  messages up to the next assistant turn as ``observation_ids(tokenizer, messages,
+  tools=..., stop_text=<decoded eos>)`` (loss mask 0; the function the rollout renders
+  its observations with, in ``data.tokenization``): the template's
+  end-of-turn text (minus the eos already there), the observation turns and the next
+  assistant header;
+- messages after the last assistant turn are dropped (nothing to learn after them).
+
+The response then holds the assistant turns and the observations between them, and
+``loss_mask`` is 1 on exactly the assistant tokens and their eos. Assistant ``content``
+is the raw text the model writes (tool calls included as text, e.g. ``<tool_call>{...}
+</tool_call>``), as in the conversations a rollout records. Records of other formats
+(one response) tokenize as in ``"last"`` mode; ``"last"`` is unchanged (the record's
+``tools`` field is not rendered there).
+
 ``SFTBatch`` convention (right padding): ``loss_mask[b, t] = 1`` when token t is a
 response token, i.e. a target. A causal LM predicts token t from position t-1, so a
 trainer uses ``logits[:, :-1]`` against ``tokens[:, 1:]`` with ``loss_mask[:, 1:]``.
@@ -43,12 +65,22 @@ from typing import Any
 import flax.struct
 import numpy as np
 
-from jaxrl_llm.data.formats import check_formats, sft_parts
+from jaxrl_llm.data.formats import check_formats, detect_format, sft_parts
 from jaxrl_llm.data.padding import bucket_length, check_bucket
 from jaxrl_llm.data.sampler import BatchLoader
-from jaxrl_llm.data.tokenization import encode_text, eos_id, pad_id, render_prompt
+from jaxrl_llm.data.tokenization import (
+    check_messages,
+    decode_ids,
+    encode_text,
+    eos_id,
+    is_chat,
+    observation_ids,  # the rollout's own rendering of observations (rollout.multiturn uses it)
+    pad_id,
+    render_prompt,
+)
 
 OVERLONG_SFT_POLICIES = ("truncate", "error", "drop")
+ASSISTANT_TURNS = ("last", "all")
 
 
 @flax.struct.dataclass
@@ -82,11 +114,16 @@ class SFTStats:
 
 @dataclasses.dataclass(frozen=True)
 class SFTExample:
-    """One tokenized example: record index, prompt ids and response ids (eos included)."""
+    """One tokenized example: record index, prompt ids and response ids (eos included).
+
+    ``response_mask``: the loss mask over ``response_ids`` (1: a target, 0: e.g. an
+    observation between assistant turns); None means every response token is a target.
+    """
 
     index: int
     prompt_ids: tuple[int, ...]
     response_ids: tuple[int, ...]
+    response_mask: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
@@ -118,9 +155,61 @@ def encode_sft_record(record: Mapping[str, Any], tokenizer, index: int = 0, *, a
     return p, r
 
 
+def conversation_of(record: Mapping[str, Any], index: int = 0) -> list[dict] | None:
+    """The whole conversation of a ``messages`` record (or a conversational prompt +
+    completion, read as ``prompt + completion``), or None for the other formats."""
+    fmt = detect_format(record, "sft", index)
+    if fmt == "messages":
+        return check_messages(record["messages"], f"record {index} 'messages'")
+    if fmt == "prompt_completion":
+        field = "completion" if record.get("completion") is not None else "response"
+        prompt, completion = record["prompt"], record[field]
+        if is_chat(prompt) and is_chat(completion):
+            return check_messages(list(prompt) + list(completion), f"record {index} 'prompt' + {field!r}")
+    return None
+
+
+def encode_sft_episode(record: Mapping[str, Any], tokenizer, index: int = 0, *, add_bos: bool = False,
+                       add_eos: bool = True) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, response ids, response loss mask) of a conversation tokenized like a
+    multi-turn rollout's episode (``assistant_turns="all"``, see the module docstring).
+
+    Raises:
+      ValueError: the record is not a conversation, has no assistant turn, or opens with one.
+    """
+    messages = conversation_of(record, index)
+    if messages is None:
+        raise ValueError(f"record {index}: assistant_turns='all' needs chat messages "
+                         "('messages', or a conversational prompt + completion).")
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        raise ValueError(f"record {index} has no assistant turn to learn from.")
+    if turns[0] == 0:
+        raise ValueError(f"record {index} starts with the assistant turn; no prompt.")
+    tools = record.get("tools") or None
+    p = encode_text(tokenizer, render_prompt(tokenizer, messages[:turns[0]], tools=tools), add_bos=add_bos)
+    if not p:
+        raise ValueError(f"record {index}: prompt encodes to 0 tokens, so the first response token "
+                         "has no context; pass add_bos=True or a non-empty prompt.")
+    stop_text = decode_ids(tokenizer, [eos_id(tokenizer)]) if add_eos else ""
+    ids: list[int] = []
+    mask: list[int] = []
+    for k, start in enumerate(turns):
+        own = encode_text(tokenizer, messages[start]["content"], add_eos=add_eos)
+        ids += own
+        mask += [1] * len(own)
+        if k + 1 < len(turns):  # the observation between this assistant turn and the next
+            obs = observation_ids(tokenizer, messages[start + 1:turns[k + 1]], tools=tools, stop_text=stop_text)
+            ids += obs
+            mask += [0] * len(obs)
+    if not any(mask):
+        raise ValueError(f"record {index}: the assistant turns encode to 0 tokens; nothing to learn.")
+    return p, ids, mask
+
+
 def tokenize_sft(records: Sequence[Mapping[str, Any]], tokenizer, *, max_len: int,
                  overlong: str = "truncate", add_bos: bool = False,
-                 add_eos: bool = True) -> tuple[list[SFTExample], SFTStats]:
+                 add_eos: bool = True, assistant_turns: str = "last") -> tuple[list[SFTExample], SFTStats]:
     """Tokenizes SFT records and applies the over-length policy.
 
     Args:
@@ -131,12 +220,17 @@ def tokenize_sft(records: Sequence[Mapping[str, Any]], tokenizer, *, max_len: in
         room for a response token), "error", or "drop".
       add_bos: prepend bos to the prompt (to the text of a ``{"text"}`` record).
       add_eos: append eos to the response (so the model learns to stop).
+      assistant_turns: "last" (the loss covers the last assistant turn; earlier turns
+        are prompt text) or "all" (conversations tokenized like a multi-turn rollout,
+        the loss on every assistant turn; see the module docstring).
 
     Returns:
       (examples kept, in record order; SFTStats).
     """
     if overlong not in OVERLONG_SFT_POLICIES:
         raise ValueError(f"overlong={overlong!r}; expected one of {OVERLONG_SFT_POLICIES}.")
+    if assistant_turns not in ASSISTANT_TURNS:
+        raise ValueError(f"assistant_turns={assistant_turns!r}; expected one of {ASSISTANT_TURNS}.")
     if max_len < 2:
         raise ValueError(f"max_len={max_len}; expected at least 2 (a prompt and a response token).")
     check_formats(records, "sft")  # every record's shape, before any tokenizing
@@ -144,7 +238,11 @@ def tokenize_sft(records: Sequence[Mapping[str, Any]], tokenizer, *, max_len: in
         eos_id(tokenizer)  # fail early with a clear message
     out, truncated, dropped = [], 0, 0
     for i, rec in enumerate(records):
-        p, r = encode_sft_record(rec, tokenizer, i, add_bos=add_bos, add_eos=add_eos)
+        m = None
+        if assistant_turns == "all" and conversation_of(rec, i) is not None:
+            p, r, m = encode_sft_episode(rec, tokenizer, i, add_bos=add_bos, add_eos=add_eos)
+        else:
+            p, r = encode_sft_record(rec, tokenizer, i, add_bos=add_bos, add_eos=add_eos)
         if len(p) + len(r) > max_len:
             if overlong == "error":
                 raise ValueError(
@@ -154,7 +252,8 @@ def tokenize_sft(records: Sequence[Mapping[str, Any]], tokenizer, *, max_len: in
                 dropped += 1
                 continue
             r, truncated = r[:max_len - len(p)], truncated + 1
-        out.append(SFTExample(i, tuple(p), tuple(r)))
+            m = None if m is None else m[:len(r)]
+        out.append(SFTExample(i, tuple(p), tuple(r), None if m is None else tuple(m)))
     if not out:
         raise ValueError(f"every SFT example was dropped as longer than max_len={max_len}.")
     return out, SFTStats(total=len(records), kept=len(out), truncated=truncated, dropped=dropped)
@@ -215,7 +314,7 @@ def collate_sft(rows: Sequence[SFTExample | Sequence[SFTExample]], *, pad_token_
                 raise ValueError(f"row {b} holds {start + n} tokens > length {length}.")
             sl = slice(start, start + n)
             tokens[b, sl] = ex.prompt_ids + ex.response_ids
-            loss_mask[b, start + np_:start + n] = 1.0
+            loss_mask[b, start + np_:start + n] = 1.0 if ex.response_mask is None else ex.response_mask
             positions[b, sl] = np.arange(n)
             segment_ids[b, sl] = seg
             start += n
@@ -238,6 +337,8 @@ class SFTLoader(BatchLoader):
         number of rows, hence batches, can differ between epochs).
       bucket: L rounding (int multiple, "pow2", "max" = always max_len, None).
       add_bos, add_eos: special tokens around prompt / response.
+      assistant_turns: "last" or "all" (every assistant turn of a conversation, tokenized
+        like a multi-turn rollout; see the module docstring).
 
     Attributes:
       stats: SFTStats of the over-length policy.
@@ -247,11 +348,11 @@ class SFTLoader(BatchLoader):
                  max_len: int, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
                  overlong: str = "truncate", pack: bool = False, bucket=16,
                  add_bos: bool = False, add_eos: bool = True, num_epochs: int | None = None,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, assistant_turns: str = "last"):
         check_bucket(bucket)
         pad = pad_id(tokenizer)
         examples, self.stats = tokenize_sft(records, tokenizer, max_len=max_len, overlong=overlong,
-                                            add_bos=add_bos, add_eos=add_eos)
+                                            add_bos=add_bos, add_eos=add_eos, assistant_turns=assistant_turns)
         lengths = [len(e) for e in examples]
         group_fn = (lambda order: pack_examples(order, lengths, max_len)) if pack else None
 

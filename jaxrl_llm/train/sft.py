@@ -17,7 +17,7 @@ from flax import nnx
 from jaxrl_llm import ops
 from jaxrl_llm.data.records import validate_records
 from jaxrl_llm.data.padding import check_bucket
-from jaxrl_llm.data.sft import SFTBatch, SFTLoader
+from jaxrl_llm.data.sft import ASSISTANT_TURNS, SFTBatch, SFTLoader
 from jaxrl_llm.train.guard import apply_if_finite
 from jaxrl_llm.train.lora import LoRAConfig, apply_lora, init_lora
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
@@ -40,6 +40,9 @@ class SFTConfig:
       pack: several examples per row (segment-masked attention, positions restart).
       loss_agg: ``aggregate_loss`` mode over response tokens.
       add_bos: prepend the tokenizer's bos to every example.
+      assistant_turns: "last" (the loss covers a conversation's last assistant turn,
+        earlier turns are prompt text) or "all" (every assistant turn, the conversation
+        tokenized exactly like a multi-turn rollout's episode; ``data.sft``).
       logprob_chunk_size: tokens per chunk of ``logprobs_from_hidden``.
       lora: low-rank adapters instead of full fine-tuning (rank 0: off).
       microbatches: run each update's batch as this many forward/backward passes whose
@@ -57,6 +60,7 @@ class SFTConfig:
     pack: bool = False
     loss_agg: str = "token_mean"
     add_bos: bool = False
+    assistant_turns: str = "last"
     logprob_chunk_size: int = 1024
     lora: LoRAConfig = LoRAConfig()
     microbatches: int = 1
@@ -69,6 +73,8 @@ class SFTConfig:
         if self.loss_agg not in ops.AGGREGATION_MODES:
             raise ValueError(f"loss_agg must be one of {ops.AGGREGATION_MODES}, got {self.loss_agg!r}")
         check_bucket(self.bucket)
+        if self.assistant_turns not in ASSISTANT_TURNS:
+            raise ValueError(f"assistant_turns must be one of {ASSISTANT_TURNS}, got {self.assistant_turns!r}")
 
 
 def sft_forward_loss(model: nnx.Module, batch: dict, agg: str, chunk_size: int, packed: bool = False):
@@ -145,7 +151,8 @@ def train(
     placement = make_placement(config.mesh, policy, rows)
     model = placed_model(policy, placement)
     loader = SFTLoader(examples, tokenizer, config.batch_size, max_len=config.max_len, seed=config.run.seed,
-                       pack=config.pack, bucket=config.bucket, add_bos=config.add_bos)
+                       pack=config.pack, bucket=config.bucket, add_bos=config.add_bos,
+                       assistant_turns=config.assistant_turns)
     split = split_model(model)
     tx = make_optimizer(config.optim, config.run.total_steps)
     update = make_sft_update(split, tx, config.loss_agg, config.logprob_chunk_size, config.pack, config.lora,
