@@ -18,6 +18,10 @@ breakdowns and the ratios estimate / compiled of
       (XLA places activations in the not-yet-written output buffers, so the compiled
       outputs and temps only make sense together).
 
+`--model smollm2-135m-instruct` (or a local HF checkpoint folder) takes the model config
+from that checkpoint instead of `--layers/--hidden/...` (only the config: the program is
+the same, compiled from abstract state with `--abstract`).
+
 On CPU the devices are simulated (`--xla_force_host_platform_device_count`, set here
 before jax is imported). Output rows are appended to benchmarks/results/memory_estimate.jsonl
 (`--no-save` to skip).
@@ -26,6 +30,8 @@ Usage:
     python benchmarks/memory_estimate.py --quick
     python benchmarks/memory_estimate.py                       # 6 meshes on 8 devices
     python benchmarks/memory_estimate.py --meshes 1,1,1 2,2,2 --remat --dtype bfloat16
+    python benchmarks/memory_estimate.py --model smollm2-135m-instruct --abstract --batch 8 --seq-len 64 \
+        --meshes 1,1,1 8,1,1 1,8,1 2,1,3
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from flax import nnx  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import emit, run_metadata  # noqa: E402
+from benchmarks.common import emit, resolve_model, run_metadata  # noqa: E402
 from jaxrl_llm.data.sft import SFTLoader  # noqa: E402
 from jaxrl_llm.models.config import tiny_config  # noqa: E402
 from jaxrl_llm.models.tokenizer import CharTokenizer  # noqa: E402
@@ -88,6 +94,9 @@ def compiled_sft_update(cfg, sizes, args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--meshes", nargs="+", default=None, help="data,fsdp,tensor sizes (default: 6 meshes)")
+    p.add_argument("--model", default=None,
+                   help="a named model (smollm2-135m-instruct) or a local HF checkpoint folder: its config "
+                        "replaces --layers/--hidden/--intermediate/--heads/--kv-heads/--head-dim/--vocab")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--intermediate", type=int, default=512)
@@ -109,10 +118,18 @@ def main(argv=None):
         args.meshes = args.meshes or ["1,1,1", "2,2,2"]
     meshes = [tuple(int(s) for s in m.split(",")) for m in (args.meshes or DEFAULT_MESHES)]
 
-    cfg = tiny_config("llama", hidden_size=args.hidden, intermediate_size=args.intermediate,
-                      num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
-                      head_dim=args.head_dim, vocab_size=args.vocab,
-                      max_position_embeddings=max(1024, args.seq_len))
+    if args.model is None:
+        cfg = tiny_config("llama", hidden_size=args.hidden, intermediate_size=args.intermediate,
+                          num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
+                          head_dim=args.head_dim, vocab_size=args.vocab,
+                          max_position_embeddings=max(1024, args.seq_len))
+    else:
+        from jaxrl_llm.models.hf_io import read_config
+
+        cfg = read_config(resolve_model(args.model))[0]
+        args.layers, args.hidden, args.intermediate = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+        args.heads, args.kv_heads, args.head_dim, args.vocab = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                                                cfg.vocab_size)
     meta = run_metadata(args.quick)
     for sizes in meshes:
         t0 = time.perf_counter()
@@ -125,8 +142,8 @@ def main(argv=None):
         rest = est["total"] - state
         row = {
             "mesh": dict(zip(("data", "fsdp", "tensor"), sizes)),
-            "model": {"layers": args.layers, "D": args.hidden, "F": args.intermediate, "H": args.heads,
-                      "K": args.kv_heads, "Hd": args.head_dim, "V": args.vocab,
+            "model": {"name": args.model, "layers": args.layers, "D": args.hidden, "F": args.intermediate,
+                      "H": args.heads, "K": args.kv_heads, "Hd": args.head_dim, "V": args.vocab,
                       "num_params": est["num_params"]},
             "batch": args.batch, "seq_len": args.seq_len, "chunk": args.chunk, "dtype": args.dtype,
             "remat": args.remat,

@@ -24,13 +24,15 @@ SPECS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "rollout": (
         ("layers", "dim", "vocab", "dtype", "batch", "group", "prompt_len", "new_tokens", "single_thread"),
         ("ours_tokens_per_s", "hf_tokens_per_s", "ratio_tokens_per_s", "tunix_tokens_per_s",
-         "ratio_tokens_per_s_over_tunix", "ours_ttft_s", "ours_decode_bandwidth_util"),
+         "ratio_tokens_per_s_over_tunix", "ours_ttft_s", "ours_decode_bandwidth_util", "ours_roofline_frac",
+         "hf_roofline_frac"),
     ),
     "train_step": (
         ("layers", "dim", "vocab", "rows", "prompt_len", "response_len", "single_thread"),
         ("ours_fp32_tokens_per_s", "torch_fp32_tokens_per_s", "ratio_ours_fp32_over_torch",
          "ours_bf16_tokens_per_s", "ratio_ours_bf16_over_torch_bf16", "ours_bf16_mfu",
-         "ours_fp32_temp_bytes", "ours_fp32_remat_temp_bytes", "ours_bf16_temp_bytes"),
+         "ours_fp32_temp_bytes", "ours_fp32_remat_temp_bytes", "ours_bf16_temp_bytes", "ours_fp32_roofline_frac",
+         "torch_fp32_roofline_frac", "ratio_estimate_over_compiled_fp32"),
     ),
     "logprobs": (
         ("mode", "V", "T", "D", "chunk_size", "dtype"),

@@ -31,6 +31,21 @@ Usage:
 With `--tunix`, Tunix's `generate.Sampler` runs on its own Llama3 model loaded from the
 same safetensors checkpoint. It has no notion of G samples per prompt, so it is given each
 prompt G times (its prefill pays for every copy); its greedy tokens are checked against ours too.
+
+`--model smollm2-135m-instruct` (or a local HF checkpoint folder) measures a real
+pretrained model instead of the random one: both sides load that folder, and the prompts
+are real questions (`CHAT_QUESTIONS`) rendered with the tokenizer's chat template,
+left-padded to the longest (`--prompt-len` is then that length).
+
+  python benchmarks/rollout.py --model smollm2-135m-instruct --batch 8 --group 4 \
+      --new-tokens 64 --single-thread
+
+On CPU each row adds a compute roofline measured in the same run: one-thread (with
+`--single-thread`) FLOP/s of decode-shaped matmuls, rows = B·G, the model's [d, d_ff]
+over its layers' distinct weights and [d, V] (`common.measure_gemm_roofline`, XLA and
+PyTorch, the faster taken). The model FLOPs per generated token (projections, attention
+over the average context, unembedding: `common.decoder_flops_per_token`) × tokens/s ÷
+that rate is `<side>_roofline_frac`.
 """
 
 from __future__ import annotations
@@ -53,7 +68,16 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import device_peaks, emit, run_metadata, torch_device  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    decoder_flops_per_token,
+    device_peaks,
+    emit,
+    measure_gemm_roofline,
+    resolve_model,
+    roofline_fields,
+    run_metadata,
+    torch_device,
+)
 from jaxrl_llm.models import load_hf  # noqa: E402
 from jaxrl_llm.rollout import generate  # noqa: E402
 
@@ -61,6 +85,26 @@ from jaxrl_llm.rollout import generate  # noqa: E402
 # always uses its default 1e6; the checkpoint uses that base so all three sides compute
 # the same function (the base does not change the cost).
 TUNIX_ROPE_THETA = 1_000_000.0
+
+# `--model`: B distinct user questions (the first B), each rendered with the chat template
+CHAT_QUESTIONS = (
+    "What is the capital of France?",
+    "Give me three words that rhyme with cat.",
+    "Why is the sky blue?",
+    "What is 17 times 3?",
+    "Name a famous painting by Leonardo da Vinci.",
+    "How many legs does a spider have?",
+    "Write a short greeting for a birthday card.",
+    "What does a bee make?",
+    "How do plants make their food?",
+    "What is the largest planet in the solar system?",
+    "Suggest a name for a pet goldfish.",
+    "What is the boiling point of water in Celsius?",
+    "Translate 'thank you' into Spanish.",
+    "Who wrote Romeo and Juliet?",
+    "What colour do you get by mixing blue and yellow?",
+    "List two fruits that are red.",
+)
 
 
 def make_checkpoint(path: str, layers: int, dim: int, vocab: int, seed: int) -> None:
@@ -192,13 +236,33 @@ def decode_bytes(model, rows: int, prompt_len: int, new_tokens: int, cache_items
     return float(np.sum(weights + rows * kv_per_token * (prompt_len + steps)))
 
 
-def bench_one(model, hf, args, batch: int, group: int, dtype, tunix=None) -> dict:
-    """One (batch, group) row: ours vs HF (and Tunix) tokens/s, measured interleaved."""
+def random_prompts(args, batch: int):
+    """Left-padded random prompts of args.prompt_len // 2 … args.prompt_len tokens."""
     rng = np.random.default_rng(args.seed)
     lengths = rng.integers(args.prompt_len // 2, args.prompt_len + 1, batch)
     prompts = rng.integers(1, args.vocab, (batch, args.prompt_len)).astype(np.int32)
     mask = (np.arange(args.prompt_len)[None] >= (args.prompt_len - lengths)[:, None]).astype(np.int32)  # left-padded
-    prompts = prompts * mask
+    return prompts * mask, mask
+
+
+def chat_prompts(tokenizer, batch: int):
+    """The first ``batch`` CHAT_QUESTIONS as user messages through the chat template,
+    left-padded (masked pad id) to the longest."""
+    from jaxrl_llm.data.prompts import collate_prompts, tokenize_prompts
+    from jaxrl_llm.data.tokenization import pad_id
+
+    if batch > len(CHAT_QUESTIONS):
+        raise ValueError(f"--batch {batch}: only {len(CHAT_QUESTIONS)} distinct chat questions")
+    records = [{"prompt": [{"role": "user", "content": q}]} for q in CHAT_QUESTIONS[:batch]]
+    items, _ = tokenize_prompts(records, tokenizer)
+    out = collate_prompts(items, pad_token_id=pad_id(tokenizer), padding_side="left", bucket=1)
+    return np.asarray(out.tokens, np.int32), np.asarray(out.mask, np.int32)
+
+
+def bench_one(model, hf, args, batch: int, group: int, dtype, tunix=None, tokenizer=None) -> dict:
+    """One (batch, group) row: ours vs HF (and Tunix) tokens/s, measured interleaved."""
+    prompts, mask = chat_prompts(tokenizer, batch) if tokenizer is not None else random_prompts(args, batch)
+    prompt_len = prompts.shape[1]
 
     samplers = {"ours": ours_sampler(model), "hf": hf_sampler(hf)}
     if tunix is not None:
@@ -210,8 +274,8 @@ def bench_one(model, hf, args, batch: int, group: int, dtype, tunix=None) -> dic
     ours, theirs = timed["ours"], timed["hf"]
     tokens = batch * group * args.new_tokens
     row = {
-        "bench": "rollout", "layers": args.layers, "dim": args.dim, "vocab": args.vocab, "batch": batch,
-        "group": group, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "reps": args.reps,
+        "bench": "rollout", "model": args.model, "layers": args.layers, "dim": args.dim, "vocab": args.vocab,
+        "batch": batch, "group": group, "prompt_len": prompt_len, "new_tokens": args.new_tokens, "reps": args.reps,
         "dtype": args.dtype, "greedy_token_agreement": float(np.mean(greedy["ours"] == greedy["hf"])),
         "ours_tokens_per_s": tokens / ours["wall_s"], "hf_tokens_per_s": tokens / theirs["wall_s"],
         "ratio_tokens_per_s": theirs["wall_s"] / ours["wall_s"],
@@ -223,9 +287,19 @@ def bench_one(model, hf, args, batch: int, group: int, dtype, tunix=None) -> dic
                    tunix_tokens_per_s=tokens / timed["tunix"]["wall_s"], tunix_ttft_s=timed["tunix"]["ttft_s"],
                    tunix_compile_s=timed["tunix"]["first_call_s"] - timed["tunix"]["wall_s"],
                    ratio_tokens_per_s_over_tunix=timed["tunix"]["wall_s"] / ours["wall_s"])
+    if args.model is not None:
+        row["mean_prompt_tokens"] = float(mask.sum(1).mean())
     peaks = device_peaks()
+    if peaks is None and dtype == jnp.float32:  # CPU: against the measured one-thread GEMM ceiling
+        flops = decoder_flops_per_token(model.config, context=prompt_len + args.new_tokens / 2)
+        row.update(roofline_fields(measure_gemm_roofline(model.config, batch * group), flops),
+                   flops_per_token=sum(flops.values()))
+        for side in timed:
+            achieved = row[f"{side}_tokens_per_s"] * row["flops_per_token"]
+            row[f"{side}_flops_per_s"] = achieved
+            row[f"{side}_roofline_frac"] = achieved / row["roofline_flops_per_s"]
     if peaks is not None:
-        moved = decode_bytes(model, batch * group, args.prompt_len, args.new_tokens, jnp.dtype(dtype).itemsize)
+        moved = decode_bytes(model, batch * group, prompt_len, args.new_tokens, jnp.dtype(dtype).itemsize)
         for side, t in timed.items():
             bandwidth = moved / max(t["wall_s"] - t["ttft_s"], 1e-9)
             row[f"{side}_decode_bytes_per_s"] = bandwidth
@@ -235,6 +309,9 @@ def bench_one(model, hf, args, batch: int, group: int, dtype, tunix=None) -> dic
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--model", default=None,
+                        help="a named model (smollm2-135m-instruct) or a local HF checkpoint folder instead of "
+                             "the random Llama (--layers/--dim/--vocab then come from its config); chat prompts")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=32000)
@@ -265,11 +342,25 @@ def main(argv=None):
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # XLA's default f32 matmul precision on GPU
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    with tempfile.TemporaryDirectory() as path:
-        make_checkpoint(path, args.layers, args.dim, args.vocab, args.seed)
+    checkpoint, tokenizer = resolve_model(args.model), None
+
+    def load(path, max_len):
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(device).eval()
         model, _ = load_hf(path, dtype=dtype)
-        tunix = load_tunix(path, dtype, args.prompt_len + args.new_tokens) if args.tunix else None
+        tunix = load_tunix(path, dtype, max_len) if args.tunix else None
+        return hf, model, tunix
+
+    if checkpoint is None:
+        with tempfile.TemporaryDirectory() as path:
+            make_checkpoint(path, args.layers, args.dim, args.vocab, args.seed)
+            hf, model, tunix = load(path, args.prompt_len + args.new_tokens)
+    else:
+        from jaxrl_llm.models import load_tokenizer
+
+        tokenizer = load_tokenizer(checkpoint)
+        longest = max(chat_prompts(tokenizer, b)[0].shape[1] for b in args.batch)
+        hf, model, tunix = load(checkpoint, longest + args.new_tokens)
+        args.layers, args.dim, args.vocab = model.config.num_layers, model.config.hidden_size, model.config.vocab_size
 
     versions = {"torch": torch.__version__, "torch_device": device, "single_thread": args.single_thread}
     if args.tunix:
@@ -279,7 +370,7 @@ def main(argv=None):
     meta = run_metadata(args.quick, **versions)
     for batch in args.batch:
         for group in args.group:
-            row = bench_one(model, hf, args, batch, group, dtype, tunix)
+            row = bench_one(model, hf, args, batch, group, dtype, tunix, tokenizer)
             emit("rollout", {**row, **meta}, save=not args.no_save)
 
 
