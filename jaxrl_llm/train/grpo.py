@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 import jax
@@ -125,6 +126,14 @@ class GRPOConfig:
       logprob_chunk_size: tokens per chunk of ``logprobs_from_hidden``.
       lora: train low-rank adapters of the policy instead of all weights (rank 0: off);
         the reference is then the frozen base model.
+      max_staleness: asynchronous sampling: a sampler thread runs up to this many policy
+        versions ahead of the update, overlapping sampling and reward scoring with
+        training (0: synchronous). The update's clipped ratio is against the trainer's
+        current policy (decoupled PPO); set ``tis_cap`` to correct for the older
+        behaviour policy. Metrics ``staleness`` (versions between sampling and training)
+        and ``time_sampler``. Sampling never runs across a checkpoint, so resume stays
+        exact (a signal-triggered checkpoint drops the in-flight samples; they are
+        re-sampled with the restored policy).
       env: multi-turn environment factory spec, ``path/to/file.py:factory`` or
         ``package.module:factory`` (called with no arguments for each episode; see
         ``jaxrl_llm.envs``); "" (default): single-turn sampling scored by the reward
@@ -184,6 +193,7 @@ class GRPOConfig:
     max_unscored_frac: float = 0.5
     logprob_chunk_size: int = 1024
     lora: LoRAConfig = LoRAConfig()
+    max_staleness: int = 0
     env: str = ""
     max_turns: int = 1
     max_total_tokens: int | None = None
@@ -195,6 +205,8 @@ class GRPOConfig:
                                    "minibatches", "max_sampling_rounds", "router_update_every",
                                    "logprob_chunk_size", "microbatches"))
         check_episode_fields(self)
+        check_int_field("max_staleness", self.max_staleness, 0,
+                        why="policy versions the sampler may run ahead of the update; 0: synchronous")
         check_int_field("group_size", self.group_size, 2, why="group baselines need other samples")
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"advantage must be one of {ADVANTAGES}, got {self.advantage!r}")
@@ -599,7 +611,10 @@ def train(
         ref_params = split_model(placed_model(reference, placement)).params if reference is not None else split.params
     is_moe = getattr(model.config, "num_moe_layers", 0) > 0
     prompt_len = config.max_prompt_len
-    has_old = updates_per_step > 1
+    # Asynchronous sampling: the clipped ratio is taken against the trainer's own policy
+    # (decoupled PPO's proximal policy), recomputed every step; the sampler's log-probs
+    # (the behaviour policy) enter only through the rollout correction (tis_cap).
+    has_old = updates_per_step > 1 or config.max_staleness > 0
     static = _Static(prompt_len, config, has_old, has_ref, replay=is_moe and config.routing_replay, train_router=True)
     update_fn = _make_update(split, tx, static, placement)
     logprob_fn = _make_logprob_fn(split, static)
@@ -619,13 +634,11 @@ def train(
     if "prompt_loader" in loop.meta:
         loader.load_state_dict(loop.meta["prompt_loader"])
 
-    for step in range(start, config.run.total_steps):
-        t0 = time.perf_counter()
-        rng, k_step = jax.random.split(jax.random.wrap_key_data(jnp.asarray(state["rng"])))
-        policy_params = full_params(state["params"], frozen)
-        current = split.merge(policy_params)
-
-        # sample (DAPO: until B informative groups or the round cap)
+    def sample_step(step: int, k_step, current) -> dict:
+        """Sampling and scoring of one step (DAPO: until B informative groups or the
+        round cap) with the policy ``current``; runs in the sampler thread when
+        max_staleness > 0, so everything it reads or counts is returned, not shared."""
+        t_start = time.perf_counter()
         rounds: list[ScoredBatch] = []
         episode_metrics: list[dict] = []
         informative_before = None
@@ -648,120 +661,172 @@ def train(
             have = sum(int(informative_groups(b.scores, b.valid, config.group_size).sum()) for b in rounds)
             if have >= config.prompts_per_step:
                 break
-        t_sample = time.perf_counter() - t0
-        if config.dynamic_sampling:
-            batch, filled = _concat(rounds, config.group_size, config.prompts_per_step)
-            if filled < config.prompts_per_step:
-                logger.warning(
-                    "dynamic sampling: only %d of %d groups carried signal after %d rounds (cap "
-                    "max_sampling_rounds=%d); training on those", int(filled), config.prompts_per_step,
-                    len(rounds), config.max_sampling_rounds)
-        else:
-            batch, filled = rounds[0], np.array(config.prompts_per_step)
+        return {"rounds": rounds, "episode_metrics": episode_metrics, "informative_before": informative_before,
+                "scorer_metrics": scorer.step_metrics() if scorer is not None else {},
+                "loader_state": loader.state_dict(), "seconds": time.perf_counter() - t_start}
 
-        # advantages
-        advantages = compute_advantages(batch.scores, batch.valid, config)
-        rollout = batch.rollout
-        tokens, full_mask = placement.to_host(rollout.full_tokens())
-        mask = (np.asarray(rollout.mask) * batch.valid[:, None]).astype(np.float32)
-        routing = placement.to_host(rollout.full_routing())  # aligned with full_tokens' left-aligned prompts
-        if has_old or config.tis_cap is not None or has_ref:
-            # device copies for the log-prob passes, rows split over the mesh (routing: axis 1)
-            tokens_d, full_mask_d = placement.rows((tokens, full_mask))
-            routing_d = placement.rows(routing, axis=1)
+    # Asynchronous sampling (max_staleness k > 0): a sampler thread samples step j with the
+    # policy of the step at which j was submitted, at most k steps ahead; the pipeline is
+    # drained before every checkpoint, so a resumed run samples exactly what an
+    # uninterrupted one does. Step keys come from the same split chain as in the loop.
+    sampler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grpo-sampler") if config.max_staleness else None
+    pending: dict[int, tuple[Any, int]] = {}  # step -> (future, policy version it was sampled with)
+    rng_before = {start: jax.random.wrap_key_data(jnp.asarray(state["rng"]))}  # step -> state rng at its start
+    step_keys = {}  # step -> its sampling key
 
-        # old / reference log-probs
-        t1 = time.perf_counter()
-        tis_weight = np.ones_like(mask)
-        metrics_extra = {}
-        old_logp = None
-        if has_old or config.tis_cap is not None:
-            with placement.context():
-                old_logp = placement.to_host(logprob_fn(policy_params, tokens_d, full_mask_d, routing_d)[0])
-        if config.tis_cap is not None:
-            log_w = old_logp - np.asarray(rollout.raw_logprobs)
-            weights, kept, is_metrics = ops.rollout_correction(
-                old_logp, np.asarray(rollout.raw_logprobs), mask, upper=config.tis_cap, lower=config.tis_lower,
-                level=config.tis_level, mode=config.tis_mode, veto=config.tis_veto)
-            tis_weight = np.asarray(weights, np.float32)
-            mask = mask * np.asarray(kept, np.float32)  # rejected tokens leave the loss and its normaliser
-            metrics_extra.update({k: float(v) for k, v in is_metrics.items()})
-            metrics_extra["rollout_mismatch_abs"] = float(ops.masked_mean(np.abs(log_w), np.asarray(rollout.mask)))
-        ref_logp = None
-        if has_ref:
-            with placement.context():
-                ref_logp = placement.to_host(ref_logprob_fn(ref_params, tokens_d, full_mask_d, None)[0])
-        t_logprob = time.perf_counter() - t1
+    def step_key(j: int):
+        """(rng after step j, k_step of step j), from the chain of state["rng"] splits."""
+        while j + 1 not in rng_before:
+            last = max(rng_before)
+            rng_before[last + 1], step_keys[last] = jax.random.split(rng_before[last])
+        return rng_before[j + 1], step_keys[j]
 
-        # update: μ passes × minibatches
-        t2 = time.perf_counter()
-        train_router = not config.freeze_router and (step % config.router_update_every == 0)
-        # host arrays: each minibatch below is cut on the host and split over the mesh
-        full_batch = {
-            "tokens": tokens, "full_mask": full_mask, "mask": mask,
-            "advantages": np.asarray(advantages, np.float32), "tis_weight": tis_weight,
-            "old_logp": old_logp if old_logp is not None else np.zeros_like(mask),
-            "ref_logp": ref_logp if ref_logp is not None else np.zeros_like(mask),
-            "routing": routing,
-        }
-        mb_size = n_rows // config.minibatches
-        all_finite, update_metrics = True, []
-        params, opt_state = state["params"], state["opt_state"]
-        perm_rng = np.random.default_rng((config.run.seed, step, 10_000))
-        # A batch with no signal (every group degenerate, every sample unscored) is not
-        # stepped at all: Adam's momentum would otherwise still move the parameters.
-        inner_passes = config.num_inner_updates if mask.sum() > 0 else 0
-        for _ in range(inner_passes):
-            order = perm_rng.permutation(n_rows) if config.minibatches > 1 else np.arange(n_rows)
-            for mb in range(config.minibatches):
-                idx = order[mb * mb_size : (mb + 1) * mb_size]
-                mb_batch = {k: (None if v is None else (v[:, idx] if k == "routing" else v[idx])) for k, v in full_batch.items()}
-                mb_routing = placement.rows(mb_batch.pop("routing"), axis=1)
-                mb_batch = {**placement.rows(mb_batch), "routing": mb_routing}
+    def checkpointed_after(j: int) -> bool:
+        every = config.run.checkpoint_every
+        return bool(every) and (j + 1) % every == 0
+
+    try:
+        for step in range(start, config.run.total_steps):
+            t0 = time.perf_counter()
+            rng, k_step = step_key(step)
+            policy_params = full_params(state["params"], frozen)
+            current = split.merge(policy_params)
+            for old in [k for k in step_keys if k < step]:
+                rng_before.pop(old, None)
+                step_keys.pop(old)
+            if sampler is None:
+                drawn, version = sample_step(step, k_step, current), step
+            else:
+                ahead = step
+                while ahead <= min(step + config.max_staleness, config.run.total_steps - 1):
+                    if ahead not in pending:
+                        pending[ahead] = (sampler.submit(sample_step, ahead, step_key(ahead)[1], current), step)
+                    if checkpointed_after(ahead):  # nothing is sampled across a checkpoint
+                        break
+                    ahead += 1
+                future, version = pending.pop(step)
+                drawn = future.result()
+            rounds, episode_metrics = drawn["rounds"], drawn["episode_metrics"]
+            informative_before = drawn["informative_before"]
+            t_sample = time.perf_counter() - t0
+            if config.dynamic_sampling:
+                batch, filled = _concat(rounds, config.group_size, config.prompts_per_step)
+                if filled < config.prompts_per_step:
+                    logger.warning(
+                        "dynamic sampling: only %d of %d groups carried signal after %d rounds (cap "
+                        "max_sampling_rounds=%d); training on those", int(filled), config.prompts_per_step,
+                        len(rounds), config.max_sampling_rounds)
+            else:
+                batch, filled = rounds[0], np.array(config.prompts_per_step)
+
+            # advantages
+            advantages = compute_advantages(batch.scores, batch.valid, config)
+            rollout = batch.rollout
+            tokens, full_mask = placement.to_host(rollout.full_tokens())
+            mask = (np.asarray(rollout.mask) * batch.valid[:, None]).astype(np.float32)
+            routing = placement.to_host(rollout.full_routing())  # aligned with full_tokens' left-aligned prompts
+            if has_old or config.tis_cap is not None or has_ref:
+                # device copies for the log-prob passes, rows split over the mesh (routing: axis 1)
+                tokens_d, full_mask_d = placement.rows((tokens, full_mask))
+                routing_d = placement.rows(routing, axis=1)
+
+            # old / reference log-probs
+            t1 = time.perf_counter()
+            tis_weight = np.ones_like(mask)
+            metrics_extra = {}
+            old_logp = None
+            if has_old or config.tis_cap is not None:
                 with placement.context():
-                    params, opt_state, finite, m = update_fn(params, opt_state, mb_batch, train_router, frozen)
-                finite, m = placement.to_host((finite, m))
-                all_finite = all_finite and bool(finite)
-                update_metrics.append(m)
-        state = {"params": params, "opt_state": opt_state, "rng": jax.random.key_data(rng)}
-        t_update = time.perf_counter() - t2
+                    old_logp = placement.to_host(logprob_fn(policy_params, tokens_d, full_mask_d, routing_d)[0])
+            if config.tis_cap is not None:
+                log_w = old_logp - np.asarray(rollout.raw_logprobs)
+                weights, kept, is_metrics = ops.rollout_correction(
+                    old_logp, np.asarray(rollout.raw_logprobs), mask, upper=config.tis_cap, lower=config.tis_lower,
+                    level=config.tis_level, mode=config.tis_mode, veto=config.tis_veto)
+                tis_weight = np.asarray(weights, np.float32)
+                mask = mask * np.asarray(kept, np.float32)  # rejected tokens leave the loss and its normaliser
+                metrics_extra.update({k: float(v) for k, v in is_metrics.items()})
+                metrics_extra["rollout_mismatch_abs"] = float(ops.masked_mean(np.abs(log_w), np.asarray(rollout.mask)))
+            ref_logp = None
+            if has_ref:
+                with placement.context():
+                    ref_logp = placement.to_host(ref_logprob_fn(ref_params, tokens_d, full_mask_d, None)[0])
+            t_logprob = time.perf_counter() - t1
 
-        # metrics
-        lengths = np.asarray(rollout.lengths)
-        # Headline reward / accuracy: every sampled response of every round. Under dynamic
-        # sampling the trained batch keeps only informative groups (all-correct groups are
-        # dropped), so its figures are logged apart, as kept_*.
-        sampled = score_summary(*(np.concatenate([getattr(b, f) for b in rounds])
-                                  for f in ("scores", "task_rewards", "valid")))
-        kept = score_summary(batch.scores, batch.task_rewards, batch.valid, "kept_") if config.dynamic_sampling else {}
-        mean_update = {k: float(np.mean([float(m[k]) for m in update_metrics])) for k in update_metrics[0]} if update_metrics else {}
-        num_tokens = float(mask.sum())
-        elapsed = time.perf_counter() - t0
-        metrics = {
-            **mean_update,
-            **sampled,
-            **kept,
-            "informative_groups_before": informative_before,
-            "informative_groups_after": float(np.mean(informative_groups(batch.scores, batch.valid, config.group_size))),
-            "sampling_rounds": len(rounds),
-            "skipped_no_signal": int(inner_passes == 0),
-            "generations": len(rounds) * n_rows,
-            "reward_failures": int(sum((~b.valid).sum() for b in rounds)),
-            **(scorer.step_metrics() if scorer is not None else {}),
-            **_mean_over_rounds(episode_metrics),
-            "response_length_mean": float(lengths.mean()),
-            "response_length_max": int(lengths.max()),
-            "truncated_fraction": float(np.mean(~np.asarray(rollout.finished))),
-            **({"overlong_penalized_fraction": float(np.mean(lengths > config.max_new_tokens - config.overlong_buffer))}
-               if config.overlong_buffer else {}),
-            "time_sampling": t_sample,
-            "time_logprobs": t_logprob,
-            "time_update": t_update,
-            "tokens_per_s": num_tokens / max(elapsed, 1e-9),
-            **metrics_extra,
-        }
-        if has_ref:
-            metrics["kl"] = mean_update.get("kl_loss", 0.0)
-        loop.end_step(step, state, metrics, finite=all_finite, meta={"prompt_loader": loader.state_dict()})
+            # update: μ passes × minibatches
+            t2 = time.perf_counter()
+            train_router = not config.freeze_router and (step % config.router_update_every == 0)
+            # host arrays: each minibatch below is cut on the host and split over the mesh
+            full_batch = {
+                "tokens": tokens, "full_mask": full_mask, "mask": mask,
+                "advantages": np.asarray(advantages, np.float32), "tis_weight": tis_weight,
+                "old_logp": old_logp if old_logp is not None else np.zeros_like(mask),
+                "ref_logp": ref_logp if ref_logp is not None else np.zeros_like(mask),
+                "routing": routing,
+            }
+            mb_size = n_rows // config.minibatches
+            all_finite, update_metrics = True, []
+            params, opt_state = state["params"], state["opt_state"]
+            perm_rng = np.random.default_rng((config.run.seed, step, 10_000))
+            # A batch with no signal (every group degenerate, every sample unscored) is not
+            # stepped at all: Adam's momentum would otherwise still move the parameters.
+            inner_passes = config.num_inner_updates if mask.sum() > 0 else 0
+            for _ in range(inner_passes):
+                order = perm_rng.permutation(n_rows) if config.minibatches > 1 else np.arange(n_rows)
+                for mb in range(config.minibatches):
+                    idx = order[mb * mb_size : (mb + 1) * mb_size]
+                    mb_batch = {k: (None if v is None else (v[:, idx] if k == "routing" else v[idx])) for k, v in full_batch.items()}
+                    mb_routing = placement.rows(mb_batch.pop("routing"), axis=1)
+                    mb_batch = {**placement.rows(mb_batch), "routing": mb_routing}
+                    with placement.context():
+                        params, opt_state, finite, m = update_fn(params, opt_state, mb_batch, train_router, frozen)
+                    finite, m = placement.to_host((finite, m))
+                    all_finite = all_finite and bool(finite)
+                    update_metrics.append(m)
+            state = {"params": params, "opt_state": opt_state, "rng": jax.random.key_data(rng)}
+            t_update = time.perf_counter() - t2
+
+            # metrics
+            lengths = np.asarray(rollout.lengths)
+            # Headline reward / accuracy: every sampled response of every round. Under dynamic
+            # sampling the trained batch keeps only informative groups (all-correct groups are
+            # dropped), so its figures are logged apart, as kept_*.
+            sampled = score_summary(*(np.concatenate([getattr(b, f) for b in rounds])
+                                      for f in ("scores", "task_rewards", "valid")))
+            kept = score_summary(batch.scores, batch.task_rewards, batch.valid, "kept_") if config.dynamic_sampling else {}
+            mean_update = {k: float(np.mean([float(m[k]) for m in update_metrics])) for k in update_metrics[0]} if update_metrics else {}
+            num_tokens = float(mask.sum())
+            elapsed = time.perf_counter() - t0
+            metrics = {
+                **mean_update,
+                **sampled,
+                **kept,
+                "informative_groups_before": informative_before,
+                "informative_groups_after": float(np.mean(informative_groups(batch.scores, batch.valid, config.group_size))),
+                "sampling_rounds": len(rounds),
+                "skipped_no_signal": int(inner_passes == 0),
+                "generations": len(rounds) * n_rows,
+                "reward_failures": int(sum((~b.valid).sum() for b in rounds)),
+                **drawn["scorer_metrics"],
+                **_mean_over_rounds(episode_metrics),
+                "response_length_mean": float(lengths.mean()),
+                "response_length_max": int(lengths.max()),
+                "truncated_fraction": float(np.mean(~np.asarray(rollout.finished))),
+                **({"overlong_penalized_fraction": float(np.mean(lengths > config.max_new_tokens - config.overlong_buffer))}
+                   if config.overlong_buffer else {}),
+                "time_sampling": t_sample,
+                "time_sampler": drawn["seconds"],
+                "staleness": step - version,
+                "time_logprobs": t_logprob,
+                "time_update": t_update,
+                "tokens_per_s": num_tokens / max(elapsed, 1e-9),
+                **metrics_extra,
+            }
+            if has_ref:
+                metrics["kl"] = mean_update.get("kl_loss", 0.0)
+            loop.end_step(step, state, metrics, finite=all_finite, meta={"prompt_loader": drawn["loader_state"]})
+    finally:
+        if sampler is not None:
+            sampler.shutdown(wait=True, cancel_futures=True)
 
     return loop.finish(state, model=split.merge(full_params(state["params"], frozen)), tokenizer=tokenizer)
