@@ -32,32 +32,64 @@ from jaxrl_llm.train.storage import checkpoint_steps, describe_run_outputs
 STEPS, EVERY = 4, 2  # checkpoints 2 and 4; 4 is damaged, the run falls back to 2
 
 
-def _array_files(step_dir: Path) -> list[str]:
-    """The OCDBT data files of a checkpoint, largest (the parameter data) last."""
-    return sorted(glob.glob(f"{step_dir}/state/**/d/*", recursive=True), key=os.path.getsize)
+def _largest_array_chunk(step_dir: Path) -> tuple[str, int, int]:
+    """``(data file, offset, length)`` of the largest array chunk the checkpoint's OCDBT
+    index points at.
+
+    Read from the index, not guessed from the folder: a data file may end in B-tree node
+    bytes of the per-process index that nothing reads once orbax has merged it, and how
+    orbax splits the arrays over files varies from run to run (under load, more writes,
+    smaller files). Damaging "the largest file" or "its second half" could thus hit bytes
+    that are never read, and the damage would, rightly, go unnoticed."""
+    import tensorstore as ts
+
+    state = step_dir / "state"
+    kvstore = ts.KvStore.open(f"file://{state}/").result()
+    chunks = []
+
+    def visit(location: str) -> None:
+        for entry in ts.ocdbt.dump(kvstore, location).result()["entries"]:
+            ref = entry.get("indirect_value") or entry.get("node")
+            if isinstance(ref, str) and ref.startswith("btreenode:"):
+                visit(ref)
+            elif isinstance(ref, str) and ref.startswith("value:"):
+                _, base, name, offset, length = ref.split(":")  # value:<base>:<file>:<offset>:<length>
+                chunks.append((str(state / base / name), int(offset), int(length)))
+
+    visit(ts.ocdbt.dump(kvstore).result()["versions"][-1]["root"]["location"])
+    assert chunks, f"the index of {step_dir} points at no array data"
+    return max(chunks, key=lambda chunk: chunk[2])
+
+
+def _truncate_in_chunk(step_dir: Path) -> None:
+    """An interrupted copy: the data file ends halfway through its largest array chunk."""
+    path, offset, length = _largest_array_chunk(step_dir)
+    os.truncate(path, offset + length // 2)
+
+
+def _overwrite_in_chunk(step_dir: Path, n: int = 16) -> None:
+    """A bad sector / stray write: ``n`` bytes in the middle of the largest array chunk
+    changed, the file's size kept."""
+    path, offset, length = _largest_array_chunk(step_dir)
+    with open(path, "r+b") as f:
+        f.seek(offset + length // 2)
+        old = f.read(n)
+        f.seek(-len(old), os.SEEK_CUR)
+        f.write(bytes(b ^ 0x5A for b in old))
 
 
 def _truncate(path, keep: float = 0.5) -> None:
     os.truncate(path, int(os.path.getsize(path) * keep))
 
 
-def _overwrite_in_place(path, at: float = 0.5, n: int = 16) -> None:
-    """A bad sector / stray write: ``n`` bytes in the middle of the file changed, size kept."""
-    with open(path, "r+b") as f:
-        f.seek(int(os.path.getsize(path) * at))
-        old = f.read(n)
-        f.seek(-len(old), os.SEEK_CUR)
-        f.write(bytes(b ^ 0x5A for b in old))
-
-
 # what is done to the latest checkpoint, and what the warning must say about it
 DAMAGE = {
-    "truncated-array-file": (lambda d: _truncate(_array_files(d)[-1]), r"an array file is truncated"),
+    "truncated-array-file": (_truncate_in_chunk, r"an array file is truncated"),
     "truncated-metadata": (lambda d: _truncate(d / "state" / "_METADATA"), r"state/_METADATA is truncated or corrupt: not valid JSON"),
     "empty-metadata": (lambda d: os.truncate(d / "state" / "_METADATA", 0), r"state/_METADATA is empty \(0 bytes\)"),
     "empty-sidecar-metadata": (lambda d: os.truncate(d / "meta" / "metadata", 0), r"meta/metadata is empty \(0 bytes\)"),
-    "missing-array-file": (lambda d: os.remove(_array_files(d)[-1]), r"an array file is truncated or missing"),
-    "bytes-overwritten-in-array-file": (lambda d: _overwrite_in_place(_array_files(d)[-1]),
+    "missing-array-file": (lambda d: os.remove(_largest_array_chunk(d)[0]), r"an array file is truncated or missing"),
+    "bytes-overwritten-in-array-file": (_overwrite_in_chunk,
                                         r"the arrays read back differ from the ones saved \(checksum mismatch in \S+"),
     "missing-step-file": (lambda d: os.remove(d / "state" / "manifest.ocdbt"), r"state/manifest.ocdbt \(the index of the array files\) is missing"),
 }
@@ -160,7 +192,7 @@ FAST_DAMAGE = {
     "truncated-manifest": (lambda d: os.truncate(d / "state" / "manifest.ocdbt", 10), r"a file is corrupt .*manifest.ocdbt"),
     "missing-state-dir": (lambda d: shutil.rmtree(d / "state"), r"state/ \(the arrays\) is missing"),
     "missing-sidecar": (lambda d: os.remove(d / "meta" / "metadata"), r"meta/metadata is missing"),
-    "empty-array-files": (lambda d: [os.truncate(f, 0) for f in _array_files(d)], r"state/.*/d/\w+ is empty \(0 bytes\)"),
+    "empty-array-files": (lambda d: [os.truncate(f, 0) for f in glob.glob(f"{d}/state/**/d/*", recursive=True)], r"state/.*/d/\w+ is empty \(0 bytes\)"),
     "truncated-array-metadata": (lambda d: _truncate(d / "state" / "array_metadatas" / "process_0", 0.1),
                                  r"state/array_metadatas/process_0 is truncated or corrupt: not valid JSON"),
 }
