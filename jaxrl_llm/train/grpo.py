@@ -24,7 +24,6 @@ import dataclasses
 import logging
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 import jax
@@ -39,6 +38,7 @@ from jaxrl_llm.ops.policy_losses import PPO_TOKEN_MEAN_METRICS
 from jaxrl_llm.parallel.placement import MeshConfig, Placement
 from jaxrl_llm.rollout.multiturn import generate_episodes
 from jaxrl_llm.rollout.sampler import Rollout, generate
+from jaxrl_llm.train.async_sampling import SamplePipeline, check_async_fields, make_role_placements
 from jaxrl_llm.train.episodes import check_episode_fields, resolve_env, response_width
 from jaxrl_llm.train.guard import apply_if_finite
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
@@ -47,7 +47,6 @@ from jaxrl_llm.train.microbatch import accumulated_value_and_grad, row_weights
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
 from jaxrl_llm.train.policy import (
     check_tokenizer_fits,
-    make_placement,
     placed_model,
     response_logprobs,
     routing_change_fraction,
@@ -148,7 +147,17 @@ class GRPOConfig:
       mesh: device mesh (data × fsdp × tensor). prompts_per_step (sampling) and the
         rows of one forward/backward, prompts_per_step · group_size / (minibatches ·
         microbatches), must divide by data × fsdp; group advantages are computed on the
-        host over whole groups.
+        host over whole groups. With ``placement="disaggregated"`` it shapes the
+        trainer's devices.
+      placement: "colocated" (sampler and trainer share the mesh and take turns) or
+        "disaggregated" (the sampler runs on a sub-mesh of its own, ``sampler_mesh``;
+        after each update the weights move to it by one resharding device_put). See
+        ``jaxrl_llm.train.async_sampling``.
+      sampler_mesh: the sampler's mesh when disaggregated: ``num_devices`` (default half
+        of the devices, taken from the end) and its data × fsdp × tensor shape;
+        prompts_per_step must divide by its data × fsdp.
+      reward_workers: threads per reward function scoring slices of a batch
+        concurrently (for verifiers that wait on a subprocess, sandbox or server).
     """
 
     run: RunConfig = RunConfig(output_dir="runs/grpo")
@@ -199,8 +208,12 @@ class GRPOConfig:
     max_total_tokens: int | None = None
     microbatches: int = 1
     mesh: MeshConfig = MeshConfig()
+    placement: str = "colocated"
+    sampler_mesh: MeshConfig = MeshConfig()
+    reward_workers: int = 1
 
     def __post_init__(self):
+        check_async_fields(self)
         check_positive_ints(self, ("prompts_per_step", "max_prompt_len", "max_new_tokens", "num_inner_updates",
                                    "minibatches", "max_sampling_rounds", "router_update_every",
                                    "logprob_chunk_size", "microbatches"))
@@ -585,16 +598,16 @@ def train(
     check_formats(prompts, "prompt")
     env_factory = resolve_env(env, config, has_reward=reward_fn is not None or bool(config.reward_funcs))
     scorer = None if env_factory is not None else RewardScorer(
-        resolve_reward(reward_fn, config), default=config.reward_default, max_unscored_frac=config.max_unscored_frac)
+        resolve_reward(reward_fn, config), default=config.reward_default, max_unscored_frac=config.max_unscored_frac,
+        workers=config.reward_workers)
     n_rows = config.prompts_per_step * config.group_size
     update_rows = ("prompts_per_step * group_size / minibatches" if config.microbatches == 1
                    else "prompts_per_step * group_size / (minibatches * microbatches)")
     check_tokenizer_fits(policy, tokenizer)
     check_tokenizer_fits(reference, tokenizer)
-    placement = make_placement(config.mesh, policy, {
-        "prompts_per_step": config.prompts_per_step,
-        update_rows: n_rows // (config.minibatches * config.microbatches),
-    })
+    roles = make_role_placements(config, policy, {update_rows: n_rows // (config.minibatches * config.microbatches)},
+                                 {"prompts_per_step": config.prompts_per_step})
+    placement, sampler_placement = roles.trainer, roles.sampler
     model = placed_model(policy, placement)
     pad = pad_id(tokenizer)
     stop_ids = tuple(dict.fromkeys((eos_id(tokenizer), *config.stop_token_ids)))
@@ -639,6 +652,7 @@ def train(
         round cap) with the policy ``current``; runs in the sampler thread when
         max_staleness > 0, so everything it reads or counts is returned, not shared."""
         t_start = time.perf_counter()
+        k_step = roles.to_sampler(k_step)  # the key, like the weights, onto the sampler's devices
         rounds: list[ScoredBatch] = []
         episode_metrics: list[dict] = []
         informative_before = None
@@ -647,12 +661,12 @@ def train(
                 scored, summary = _sample_episodes(current, loader, prompts, env_factory, tokenizer, config,
                                                    jax.random.fold_in(k_step, round_),
                                                    config.run.seed * 1_000_003 + step * 1_009 + round_, pad,
-                                                   stop_ids, placement)
+                                                   stop_ids, sampler_placement)
                 rounds.append(scored)
                 episode_metrics.append(summary)
             else:
                 prompt_batch, rollout = _sample_round(current, loader, config, jax.random.fold_in(k_step, round_),
-                                                      pad, stop_ids, placement)
+                                                      pad, stop_ids, sampler_placement)
                 rounds.append(score_rollout(rollout, prompt_batch, scorer, tokenizer, config))
             if informative_before is None:
                 informative_before = float(np.mean(informative_groups(rounds[0].scores, rounds[0].valid, config.group_size)))
@@ -665,47 +679,18 @@ def train(
                 "scorer_metrics": scorer.step_metrics() if scorer is not None else {},
                 "loader_state": loader.state_dict(), "seconds": time.perf_counter() - t_start}
 
-    # Asynchronous sampling (max_staleness k > 0): a sampler thread samples step j with the
-    # policy of the step at which j was submitted, at most k steps ahead; the pipeline is
-    # drained before every checkpoint, so a resumed run samples exactly what an
-    # uninterrupted one does. Step keys come from the same split chain as in the loop.
-    sampler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grpo-sampler") if config.max_staleness else None
-    pending: dict[int, tuple[Any, int]] = {}  # step -> (future, policy version it was sampled with)
-    rng_before = {start: jax.random.wrap_key_data(jnp.asarray(state["rng"]))}  # step -> state rng at its start
-    step_keys = {}  # step -> its sampling key
-
-    def step_key(j: int):
-        """(rng after step j, k_step of step j), from the chain of state["rng"] splits."""
-        while j + 1 not in rng_before:
-            last = max(rng_before)
-            rng_before[last + 1], step_keys[last] = jax.random.split(rng_before[last])
-        return rng_before[j + 1], step_keys[j]
-
-    def checkpointed_after(j: int) -> bool:
-        every = config.run.checkpoint_every
-        return bool(every) and (j + 1) % every == 0
+    # The sampler's policy: the trainer's weights moved to the sampler's mesh (a resharding
+    # device_put when disaggregated; the same arrays when colocated).
+    sampler_split = split._replace(rest=roles.to_sampler(split.rest))
+    pipeline = SamplePipeline(sample_step, max_staleness=config.max_staleness, start=start,
+                              total_steps=config.run.total_steps, checkpoint_every=config.run.checkpoint_every,
+                              rng=state["rng"], name="grpo-sampler")
 
     try:
         for step in range(start, config.run.total_steps):
             t0 = time.perf_counter()
-            rng, k_step = step_key(step)
             policy_params = full_params(state["params"], frozen)
-            current = split.merge(policy_params)
-            for old in [k for k in step_keys if k < step]:
-                rng_before.pop(old, None)
-                step_keys.pop(old)
-            if sampler is None:
-                drawn, version = sample_step(step, k_step, current), step
-            else:
-                ahead = step
-                while ahead <= min(step + config.max_staleness, config.run.total_steps - 1):
-                    if ahead not in pending:
-                        pending[ahead] = (sampler.submit(sample_step, ahead, step_key(ahead)[1], current), step)
-                    if checkpointed_after(ahead):  # nothing is sampled across a checkpoint
-                        break
-                    ahead += 1
-                future, version = pending.pop(step)
-                drawn = future.result()
+            drawn, version, rng = pipeline.get(step, lambda: sampler_split.merge(roles.to_sampler(policy_params)))
             rounds, episode_metrics = drawn["rounds"], drawn["episode_metrics"]
             informative_before = drawn["informative_before"]
             t_sample = time.perf_counter() - t0
@@ -826,7 +811,6 @@ def train(
                 metrics["kl"] = mean_update.get("kl_loss", 0.0)
             loop.end_step(step, state, metrics, finite=all_finite, meta={"prompt_loader": drawn["loader_state"]})
     finally:
-        if sampler is not None:
-            sampler.shutdown(wait=True, cancel_futures=True)
+        pipeline.close()
 
     return loop.finish(state, model=split.merge(full_params(state["params"], frozen)), tokenizer=tokenizer)

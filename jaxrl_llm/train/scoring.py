@@ -82,15 +82,18 @@ class RewardScorer:
       reward_fn: a reward function (a ``CombinedReward`` is wrapped per component).
       default: score for samples a function failed on (None: unscored).
       max_unscored_frac: stop when a call leaves more than this fraction unscored.
+      workers: threads per function that score slices of a call concurrently (a slow
+        verifier off the critical path, see ``SafeRewardFn``).
     """
 
-    def __init__(self, reward_fn: Any, *, default: float | None = None, max_unscored_frac: float = 0.5):
+    def __init__(self, reward_fn: Any, *, default: float | None = None, max_unscored_frac: float = 0.5,
+                 workers: int = 1):
         if isinstance(reward_fn, CombinedReward):
-            self.parts = [safe_reward_fn(fn, default=default) for _, fn, _ in reward_fn.components]
+            self.parts = [safe_reward_fn(fn, default=default, workers=workers) for _, fn, _ in reward_fn.components]
             self.fn = combine_rewards([(p, w) for p, (_, _, w) in zip(self.parts, reward_fn.components)],
                                       none_value=reward_fn.none_value, skip_none=reward_fn.skip_none)
         else:
-            self.fn = safe_reward_fn(reward_fn, default=default)
+            self.fn = safe_reward_fn(reward_fn, default=default, workers=workers)
             self.parts = [self.fn]
         self.max_unscored_frac = max_unscored_frac
         self._scored = self._total = 0

@@ -68,6 +68,13 @@ CASES = [
     ("grpo-tis_cap-with-gspo", GRPOConfig, {**GSPO, "tis_cap": 2.0},
      r"tis_cap=2.0 applies to policy_loss='ppo' only; policy_loss='gspo' ignores it"),
     ("grpo-reward_default-nan", GRPOConfig, dict(reward_default=NAN), r"reward_default must be a finite number or None .*got nan"),
+    # ---- GRPOConfig: asynchronous sampling and placement
+    ("grpo-placement", GRPOConfig, dict(placement="split"),
+     r"placement must be one of \('colocated', 'disaggregated'\), got 'split'"),
+    ("grpo-sampler_mesh-colocated", GRPOConfig, dict(sampler_mesh=MeshConfig(num_devices=4)),
+     r"sampler_mesh is set but placement='colocated' samples on the trainer's mesh"),
+    ("grpo-reward_workers=0", GRPOConfig, dict(reward_workers=0), r"reward_workers: expected an int >= 1 .*got 0"),
+    ("grpo-reward_workers-float", GRPOConfig, dict(reward_workers=2.0), r"reward_workers: expected an int >= 1 .*got 2.0"),
     # ---- GRPOConfig: sampling, sizes
     ("grpo-temperature-nan", GRPOConfig, dict(temperature=NAN), r"temperature must be > 0 .*got nan"),
     ("grpo-top_p=0", GRPOConfig, dict(top_p=0.0), r"top_p must be in \(0, 1\] \(1 disables top-p\), got 0.0"),
@@ -198,6 +205,7 @@ def test_bad_input_config(case, cls, fields, message):
 LOADED_CASES = [
     ("cli-grpo-dual_clip", GRPOConfig, ["dual_clip=0.5"], r"dual_clip must be > 1 or None .*got 0.5"),
     ("cli-ppo-lam", PPOConfig, ["lam=1.5"], r"lam must be in \[0, 1\] .*got 1.5"),
+    ("cli-grpo-placement", GRPOConfig, ["placement=remote"], r"placement must be one of .*got 'remote'"),
     ("cli-dpo-optim-max_grad_norm", DPOConfig, ["optim.max_grad_norm=-1"], r"max_grad_norm must be > 0 or None .*got -1"),
 ]
 
