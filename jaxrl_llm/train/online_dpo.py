@@ -124,15 +124,21 @@ def best_worst_pairs(scores: np.ndarray) -> list[tuple[int, int, int]]:
     return pairs
 
 
-def pair_batch(rollout: Rollout, rows: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
-    """The [2B, L] DPO batch of (chosen row, rejected row) pairs of a rollout: tokens
-    (prompt left-aligned + response), attention_mask, mask (1.0 on response tokens)."""
-    tokens, full_mask = (np.asarray(x) for x in rollout.full_tokens())
-    p = rollout.prompt_tokens.shape[1]
-    response = np.concatenate([np.zeros((tokens.shape[0], p)), np.asarray(rollout.mask)], axis=1)
+def pair_batch(rollout: Rollout | Sequence[Rollout], rows: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
+    """The [2B, L] DPO batch of (chosen row, rejected row) pairs: tokens (prompt
+    left-aligned + response), attention_mask, mask (1.0 on response tokens). Several
+    rollouts of equal widths (sampling rounds) are indexed as their rows stacked in order."""
+    rollouts = [rollout] if isinstance(rollout, Rollout) else list(rollout)
+    tokens, full_mask, response = [], [], []
+    for part in rollouts:
+        t, m = (np.asarray(x) for x in part.full_tokens())
+        tokens.append(t)
+        full_mask.append(m)
+        response.append(np.concatenate([np.zeros((t.shape[0], part.prompt_tokens.shape[1])), np.asarray(part.mask)], axis=1))
     order = [c for c, _ in rows] + [r for _, r in rows]
-    return {"tokens": tokens[order].astype(np.int32), "attention_mask": full_mask[order].astype(np.int32),
-            "mask": response[order].astype(np.float32)}
+    return {"tokens": np.concatenate(tokens)[order].astype(np.int32),
+            "attention_mask": np.concatenate(full_mask)[order].astype(np.int32),
+            "mask": np.concatenate(response)[order].astype(np.float32)}
 
 
 def _judge_of(judge: Any, reward_fn: Any, config: OnlineDPOConfig) -> Callable:
@@ -238,10 +244,8 @@ def train(
         finite = True
         if found:
             picked = [chosen_rejected[i % found] for i in range(b)]  # repeat kept pairs to fill the B rows
-            # rows of different rounds: stack each round's pair batch, then interleave back
-            parts = [pair_batch(batches[r], [(c, w)]) for r, c, w in picked]
-            batch = {key: np.concatenate([part[key][:1] for part in parts] + [part[key][1:] for part in parts])
-                     for key in parts[0]}
+            n = b * k  # rows per round: a round's row c is row r · n + c of the stacked rounds
+            batch = pair_batch(batches, [(r * n + c, r * n + w) for r, c, w in picked])
             metrics["chosen_score_mean"] = float(np.mean([all_scores[r].reshape(-1)[c] for r, c, _ in picked]))
             metrics["rejected_score_mean"] = float(np.mean([all_scores[r].reshape(-1)[w] for r, _, w in picked]))
             metrics["response_length_mean"] = float(np.mean(batch["mask"].sum(axis=1)))

@@ -1,6 +1,7 @@
 """Online DPO: pairs from the judge's best / worst answers, the [2B, L] batch layout, a
 run with a reward function and with a judge, skipped steps, and learning."""
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -48,6 +49,12 @@ def test_pair_batch_puts_chosen_rows_first():
     np.testing.assert_array_equal(batch["mask"], [[0, 0, 0, 1, 1], [0, 0, 0, 1, 1], [0, 0, 0, 1, 0],
                                                   [0, 0, 0, 0, 0]])
     np.testing.assert_array_equal(batch["attention_mask"][2], [0, 1, 1, 1, 0])
+
+    # pairs across sampling rounds: rows of the rounds stacked in order
+    later = dataclasses.replace(rollout, tokens=rollout.tokens + 100)
+    mixed = pair_batch([rollout, later], [(2, 4 + 1), (4 + 0, 3)])
+    np.testing.assert_array_equal(mixed["tokens"][:, 3:], [[14, 15], [100, 101], [112, 113], [16, 17]])
+    np.testing.assert_array_equal(mixed["mask"], batch["mask"])
 
 
 def test_runs_with_a_reward_function_or_a_judge(tmp_path):
