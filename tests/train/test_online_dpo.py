@@ -53,7 +53,7 @@ def test_pair_batch_puts_chosen_rows_first():
     # pairs across sampling rounds: rows of the rounds stacked in order
     later = dataclasses.replace(rollout, tokens=rollout.tokens + 100)
     mixed = pair_batch([rollout, later], [(2, 4 + 1), (4 + 0, 3)])
-    np.testing.assert_array_equal(mixed["tokens"][:, 3:], [[14, 15], [100, 101], [112, 113], [16, 17]])
+    np.testing.assert_array_equal(mixed["tokens"][:, 3:], [[14, 15], [110, 111], [112, 113], [16, 17]])
     np.testing.assert_array_equal(mixed["mask"], batch["mask"])
 
 
