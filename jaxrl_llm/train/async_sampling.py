@@ -6,7 +6,8 @@ and how far ahead of the trainer it may run.
 * ``"colocated"`` (default): sampler and trainer share the run's mesh and take turns.
 * ``"disaggregated"``: the sampler gets a sub-mesh of its own (the last
   ``sampler_mesh.num_devices`` devices, default half of them; shaped by ``sampler_mesh``)
-  and the trainer the rest (shaped by ``mesh``). After every update the new weights move
+  and the trainer the rest (shaped by ``mesh``; with several processes each process gives
+  both roles devices). After every update the new weights move
   to the sampler with one resharding ``jax.device_put`` (device to device, no host round
   trip), and every sample carries the version of the weights it was drawn with.
 
@@ -28,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxrl_llm.parallel.placement import MeshConfig, Placement
 from jaxrl_llm.train.policy import model_config_of
@@ -52,7 +54,10 @@ def check_async_fields(config: Any) -> None:
 
 
 def _split_devices(sampler_mesh: MeshConfig) -> tuple[list[jax.Device], list[jax.Device]]:
-    """(trainer devices, sampler devices): the sampler takes the last devices."""
+    """(trainer devices, sampler devices). One process: the sampler takes the last
+    devices. Several processes: each process gives the sampler its last
+    ``num_devices / process_count`` devices, so both sub-meshes span every process and
+    every process takes part in both roles' programs (SPMD)."""
     devices = jax.devices()
     n = sampler_mesh.num_devices if sampler_mesh.num_devices is not None else len(devices) // 2
     if len(devices) < 2 or not 1 <= n < len(devices):
@@ -60,7 +65,18 @@ def _split_devices(sampler_mesh: MeshConfig) -> tuple[list[jax.Device], list[jax
             f"placement='disaggregated' needs devices for both roles: sampler_mesh.num_devices={n} of "
             f"{len(devices)} visible devices leaves {len(devices) - n} for the trainer (use 1 .. "
             f"{len(devices) - 1}, or placement='colocated')")
-    return devices[: len(devices) - n], devices[len(devices) - n :]
+    processes = jax.process_count()
+    if processes == 1:
+        return devices[: len(devices) - n], devices[len(devices) - n :]
+    if n % processes:
+        raise ValueError(f"sampler_mesh.num_devices={n} must divide by the {processes} processes: each process "
+                         "gives the sampler the same number of its devices")
+    trainer, sampler = [], []
+    for p in range(processes):
+        local = [d for d in devices if d.process_index == p]
+        trainer += local[: len(local) - n // processes]
+        sampler += local[len(local) - n // processes :]
+    return trainer, sampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +93,24 @@ class RolePlacements:
     def to_sampler(self, params: Any) -> Any:
         """The sampler's copy of trainer-placed ``params`` (an nnx.State or pytree):
         resharded onto the sampler's mesh by one ``jax.device_put``; ``params`` itself
-        when colocated."""
-        return self.sampler.place(params) if self.disaggregated else params
+        when colocated. With several processes (where JAX reshards only between equal
+        device sets) each array is first gathered on the trainer's mesh, then each
+        process copies the slices its sampler devices hold from its own devices: device
+        to device, one array at a time."""
+        if not self.disaggregated:
+            return params
+        if jax.process_count() == 1:
+            return self.sampler.place(params)
+        return jax.tree.map(_put_across_device_sets, params, self.sampler.shardings(params))
+
+
+def _put_across_device_sets(x: jax.Array, target: NamedSharding) -> jax.Array:
+    """``x`` (on the trainer's devices of every process) in ``target`` (the sampler's)."""
+    gathered = jax.device_put(x, NamedSharding(x.sharding.mesh, PartitionSpec()))  # same devices: allowed
+    local = gathered.addressable_data(0)
+    shards = [jax.device_put(local[index], device)
+              for device, index in target.addressable_devices_indices_map(x.shape).items()]
+    return jax.make_array_from_single_device_arrays(x.shape, target, shards)
 
 
 def make_role_placements(config: Any, policy: Any, trainer_rows: dict[str, int],
@@ -119,6 +151,14 @@ class SamplePipeline:
 
     def __init__(self, sample: Callable[[int, Any, Any], Any], *, max_staleness: int, start: int,
                  total_steps: int, checkpoint_every: int, rng: Any, name: str = "sampler"):
+        if max_staleness and jax.process_count() > 1:
+            # Every process must issue the same collectives in the same order; the sampler
+            # thread's (sampling on the mesh, gathering the rollout) would interleave with
+            # the trainer's in a different order on each process and hang or abort.
+            raise ValueError(
+                f"max_staleness={max_staleness}: asynchronous sampling runs in one process only (this run has "
+                f"{jax.process_count()}); use max_staleness=0 (placement='disaggregated' works with several "
+                "processes)")
         self.sample = sample
         self.max_staleness = max_staleness
         self.total_steps = total_steps
