@@ -80,6 +80,9 @@ RESUMABLE_FIELDS = (
     "run.export_hf",  # what is written at the end
     "save_hf",  # (reward model) what is written at the end
     "mesh",  # checkpoints restore into any mesh: the same math on another device layout
+    "placement",  # where the sampler runs (colocated / disaggregated): the same samples at k=0
+    "sampler_mesh",
+    "reward_workers",  # threads scoring a batch: the same scores
     "microbatches",  # memory knob: the same update in smaller forward/backward passes
     "logprob_chunk_size",  # memory knob: the same log-probs in smaller chunks
     "eval_every",  # held-out evaluation: reported, never trained on

@@ -24,6 +24,17 @@ batch axes (data × fsdp); scores, the reward normaliser, the KL controller, met
 the replay buffer are host work on whole-batch copies (``Placement.to_host``), so every
 mesh sees the same numbers in the same order.
 
+Asynchronous and disaggregated sampling (``train.async_sampling``, as in GRPO): with
+``max_staleness`` k > 0 a sampler thread samples (and scores with the reward function or
+the environment) up to k steps ahead with the policy of the step at which it started; the
+update's clipped ratio is against the trainer's own policy, whose log-probs are recomputed
+every step anyway (decoupled PPO's proximal policy), and ``tis_cap`` corrects for the
+older behaviour policy with importance weights on the policy-gradient term. With
+``placement="disaggregated"`` the sampler decodes on a sub-mesh of its own
+(``sampler_mesh``) and the trainer (policy, reference, critic, reward model, updates) on the
+rest; the weights move to the sampler by one resharding ``jax.device_put`` per step. The
+reward model stays on the trainer's devices and scores in the trainer's thread.
+
 Everything a resumed run needs is in the checkpointed state: policy and critic params,
 their optimizer states, the RNG key, β, the reward normaliser's running moments and the
 replay buffer; the prompt loader's position is in the checkpoint's meta.
@@ -62,6 +73,7 @@ from jaxrl_llm.parallel.placement import MeshConfig, Placement
 from jaxrl_llm.parallel.sharding import create_sharded
 from jaxrl_llm.rollout.multiturn import generate_episodes
 from jaxrl_llm.rollout.sampler import Rollout, apply_stop_strings, generate
+from jaxrl_llm.train.async_sampling import SamplePipeline, check_async_fields, make_role_placements
 from jaxrl_llm.train.episodes import check_episode_fields, resolve_env, response_width
 from jaxrl_llm.train.guard import apply_if_finite
 from jaxrl_llm.train.loop import RunConfig, TrainLoop, TrainResult
@@ -70,13 +82,19 @@ from jaxrl_llm.train.microbatch import accumulated_value_and_grad, row_weights
 from jaxrl_llm.train.optim import OptimConfig, make_optimizer
 from jaxrl_llm.train.policy import (
     check_tokenizer_fits,
-    make_placement,
     placed_model,
     response_logprobs,
     split_model,
 )
 from jaxrl_llm.train.scoring import RewardScorer, resolve_reward, validate_reward_fields
-from jaxrl_llm.train.validation import check_int_field, check_policy_clip, check_positive_ints, check_real, check_sampling
+from jaxrl_llm.train.validation import (
+    check_int_field,
+    check_policy_clip,
+    check_positive_ints,
+    check_real,
+    check_rollout_correction,
+    check_sampling,
+)
 
 KL_SCHEDULES = ("fixed", "linear", "adaptive")
 KL_REWARD_PLACEMENTS = ("token", "sequence")
@@ -142,11 +160,44 @@ class PPOConfig:
       logprob_chunk_size: tokens per chunk of ``logprobs_from_hidden``.
       lora: train low-rank adapters of the policy instead of all its weights (rank 0:
         off); the default reference is then the frozen base model.
+      tis_cap: rollout correction for the sampler/trainer mismatch (None: off): the
+        policy-gradient term of each sampled token is weighted by the importance weight
+        π_train / π_rollout (the trainer's recomputed log-prob over the sampler's raw
+        one), capped at C (``tis_mode="truncate"``, TIS), or tokens whose ratio leaves
+        [tis_lower, C] are rejected from the loss (``"mask"``, MIS; rejected tokens leave
+        the policy, value and entropy terms); ``ops.rollout_correction``. The value loss
+        and the KL are not weighted.
+      tis_level: "token", "sequence" (product of the ratios) or "geometric" (their
+        per-token geometric mean) — the ratio the bound applies to.
+      tis_mode: "truncate" or "mask".
+      tis_lower: the lower rejection bound (mode "mask"; None: 1 / tis_cap).
+      tis_veto: reject a whole response holding a token ratio below this (None: off).
+      max_staleness: asynchronous sampling: a sampler thread samples and scores (reward
+        function or environment) up to this many policy versions ahead of the update,
+        overlapping them with training (0: synchronous). The clipped ratio is against the
+        trainer's current policy, whose log-probs (and values, KL and GAE targets) are
+        recomputed on every batch (decoupled PPO); set ``tis_cap`` to correct for the
+        older behaviour policy. The sampler then records its raw log-probs and the run
+        logs ``rollout_mismatch_abs`` (mean |log π_train − log π_rollout|). Metrics
+        ``staleness`` (versions between sampling and training) and ``time_sampler``.
+        Sampling never runs across a checkpoint, so resume stays exact. A reward model
+        scores in the trainer's thread, on the trainer's devices.
       mesh: device mesh (data × fsdp × tensor) of all four models. prompts_per_step
         (sampling), prompts_per_step · samples_per_prompt (scoring, log-probs, values)
         and the rows of one update forward/backward (that / (minibatches · microbatches),
         and with replay (that + replay_rows) / (minibatches · microbatches)) must divide
-        by data × fsdp.
+        by data × fsdp. With ``placement="disaggregated"`` it shapes the trainer's
+        devices (all rows but prompts_per_step).
+      placement: "colocated" (sampler and trainer share the mesh and take turns) or
+        "disaggregated" (the sampler runs on a sub-mesh of its own, ``sampler_mesh``;
+        policy, reference, critic and reward model stay on the trainer's; after each
+        update the policy weights move to the sampler by one resharding device_put). See
+        ``jaxrl_llm.train.async_sampling``.
+      sampler_mesh: the sampler's mesh when disaggregated: ``num_devices`` (default half
+        of the devices, taken from the end) and its data × fsdp × tensor shape;
+        prompts_per_step must divide by its data × fsdp.
+      reward_workers: threads per reward function scoring slices of a batch
+        concurrently (for verifiers that wait on a subprocess, sandbox or server).
     """
 
     run: RunConfig = RunConfig(output_dir="runs/ppo")
@@ -194,13 +245,28 @@ class PPOConfig:
     replay_rows: int = 0
     logprob_chunk_size: int = 1024
     lora: LoRAConfig = LoRAConfig()
+    tis_cap: float | None = None
+    tis_level: str = "token"
+    tis_mode: str = "truncate"
+    tis_lower: float | None = None
+    tis_veto: float | None = None
+    max_staleness: int = 0
     env: str = ""
     max_turns: int = 1
     max_total_tokens: int | None = None
     microbatches: int = 1
     mesh: MeshConfig = MeshConfig()
+    placement: str = "colocated"
+    sampler_mesh: MeshConfig = MeshConfig()
+    reward_workers: int = 1
 
     def __post_init__(self):
+        check_async_fields(self)
+        check_int_field("max_staleness", self.max_staleness, 0,
+                        why="policy versions the sampler may run ahead of the update; 0: synchronous")
+        check_real("tis_cap", self.tis_cap, low=0, low_open=True, optional=True,
+                   why="the cap C of the truncated importance weights min(w, C); None turns it off")
+        check_rollout_correction(self)
         check_positive_ints(self, ("prompts_per_step", "samples_per_prompt", "max_prompt_len", "max_new_tokens",
                                    "ppo_epochs", "minibatches", "logprob_chunk_size", "microbatches"))
         if self.overlong_prompts not in OVERLONG_PROMPT_POLICIES:
@@ -277,7 +343,9 @@ class PPOConfig:
     def mesh_rows(self) -> dict[str, int]:
         """``{config fields: row count}`` of every batch split over the mesh's batch axes:
         the prompts when sampling, the N rollouts when scoring and evaluating, and each
-        update minibatch (N rows, or N + replay_rows once the replay buffer is full)."""
+        update minibatch (N rows, or N + replay_rows once the replay buffer is full).
+        Disaggregated, the prompts split over ``sampler_mesh`` and the rest over ``mesh``
+        (``role_rows``)."""
         n = "prompts_per_step * samples_per_prompt"
         split, parts = ("minibatches", self.minibatches) if self.microbatches == 1 else (
             "(minibatches * microbatches)", self.minibatches * self.microbatches)
@@ -286,6 +354,22 @@ class PPOConfig:
         if self.replay_rows:
             rows[f"({n} + replay_rows) / {split}"] = (self.num_rows + self.replay_rows) // parts
         return rows
+
+    def role_rows(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(trainer rows, sampler rows) of ``mesh_rows`` for ``make_role_placements``:
+        the sampler splits the prompts; colocated, the trainer's mesh is the sampler's
+        and is checked against every row count."""
+        rows = self.mesh_rows()
+        sampler = {"prompts_per_step": rows["prompts_per_step"]}
+        if self.placement == "colocated":
+            return rows, sampler
+        return {k: v for k, v in rows.items() if k not in sampler}, sampler
+
+    @property
+    def records_behaviour_logprobs(self) -> bool:
+        """The sampler records its raw log-probs (rollout correction, or asynchronous
+        sampling: the mismatch is then logged)."""
+        return self.tis_cap is not None or self.max_staleness > 0
 
     def kl_coef_at(self, step: int) -> float:
         """β of the "fixed" / "linear" schedules at ``step`` (the adaptive β is state)."""
@@ -463,12 +547,13 @@ class LossOptions:
     kl_kind: str = "k1"
     lora: LoRAConfig = LoRAConfig()
     microbatches: int = 1
+    tis: bool = False  # the batch holds tis_weight [N, T], the policy-gradient term's weights
 
     @classmethod
     def from_config(cls, config: PPOConfig) -> "LossOptions":
         return cls(config.max_prompt_len, config.logprob_chunk_size, config.clip_low, config.clip_high,
                    config.dual_clip, config.value_clip, config.vf_coef, config.entropy_coef, config.loss_agg,
-                   config.kl_in_reward, config.kl_kind, config.lora, config.microbatches)
+                   config.kl_in_reward, config.kl_kind, config.lora, config.microbatches, config.tis_cap is not None)
 
 
 def _forward(params, rests, tokens, full_mask, graphs, opts: LossOptions):
@@ -499,15 +584,20 @@ def ppo_loss(params, batch, rests, graphs, opts: LossOptions):
 
     ``batch`` holds tokens [N, L], full_mask [N, L], mask [N, T], old_logp [N, T],
     old_values [N, T], advantages [N, T], returns [N, T], ref_logp [N, T] and the scalar
-    kl_coef. Old log-probs / values, advantages, returns and reference log-probs are
-    constants (stop-gradient inside the ops).
+    kl_coef; with ``opts.tis`` also tis_weight [N, T], the rollout-correction weights
+    (``ops.rollout_correction``) by which each token's policy-gradient term is scaled
+    (as the advantage: the weights are ≥ 0, so max(−A·w·ρ, −A·w·clip(ρ)) = w·l_t); the
+    value loss, the entropy bonus and the KL are not weighted. Old log-probs / values,
+    advantages, weights, returns and reference log-probs are constants (stop-gradient
+    inside the ops).
 
     Returns:
       (loss, metrics).
     """
     logp, entropy, values = _forward(params, rests, batch["tokens"], batch["full_mask"], graphs, opts)
     mask = batch["mask"]
-    pg_loss, pg_metrics = ops.ppo_policy_loss(logp, batch["old_logp"], batch["advantages"], mask, opts.clip_low,
+    advantages = batch["advantages"] * batch["tis_weight"] if opts.tis else batch["advantages"]
+    pg_loss, pg_metrics = ops.ppo_policy_loss(logp, batch["old_logp"], advantages, mask, opts.clip_low,
                                               opts.clip_high, opts.dual_clip, opts.loss_agg)
     vf_loss, vf_metrics = ops.value_loss(values, batch["old_values"], batch["returns"], mask, opts.value_clip,
                                          opts.loss_agg)
@@ -595,42 +685,56 @@ def score_rollout(
     *,
     scorer: RewardScorer | None,
     reward_model_fn: Callable | None,
+    fn_scores: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Raw sequence scores [N] (NaN where unscored) and the valid mask [N].
 
     The reward model scores prompt + response at the last valid token; the reward
     function (``train.scoring``, TRL convention) scores the decoded completion; given
-    both, the scores add up.
+    both, the scores add up. ``fn_scores``: the reward function's scores already
+    computed (``reward_fn_scores``, in the sampler thread), used instead of ``scorer``.
     """
-    g = config.samples_per_prompt
     n = rollout.num_rows
     total = np.zeros(n, np.float64)
     if reward_model_fn is not None:
         tokens, full_mask = rollout.full_tokens()
         total += np.asarray(reward_model_fn(tokens, full_mask), np.float64)
-    if scorer is not None:
-        toks, lengths = np.asarray(rollout.tokens), np.asarray(rollout.lengths)
-        completions = [decode_ids(tokenizer, toks[i, : lengths[i]].tolist(), skip_special_tokens=True)
-                       for i in range(n)]
-        total += scorer(prompts.prompts, completions, prompts.columns, g)
+    if fn_scores is None and scorer is not None:
+        fn_scores = reward_fn_scores(rollout, prompts, tokenizer, config, scorer)
+    if fn_scores is not None:
+        total += fn_scores
     if config.missing_eos_penalty is not None:
         total -= config.missing_eos_penalty * (~np.asarray(rollout.finished)).astype(np.float64)
     valid = np.isfinite(total)
     return total.astype(np.float32), valid
 
 
+def reward_fn_scores(rollout: Rollout, prompts: PromptBatch, tokenizer: Any, config: PPOConfig,
+                     scorer: RewardScorer) -> np.ndarray:
+    """[N] float64 reward-function scores of the decoded completions (NaN where unscored)."""
+    toks, lengths = np.asarray(rollout.tokens), np.asarray(rollout.lengths)
+    completions = [decode_ids(tokenizer, toks[i, : lengths[i]].tolist(), skip_special_tokens=True)
+                   for i in range(rollout.num_rows)]
+    return scorer(prompts.prompts, completions, prompts.columns, config.samples_per_prompt)
+
+
 # ---------------------------------------------------------------------------- replay buffer
 
 
 _REPLAY_KEYS = ("tokens", "full_mask", "mask", "old_logp", "old_values", "advantages", "returns", "ref_logp")
+_TIS_REPLAY_KEYS = _REPLAY_KEYS + ("tis_weight",)  # with rollout correction: the rows keep their weights
 
 
-def _empty_replay(capacity: int, length: int, t: int) -> dict:
+def _empty_replay(capacity: int, length: int, t: int, keys: tuple[str, ...] = _REPLAY_KEYS) -> dict:
     out = {"size": np.zeros((), np.int32), "pos": np.zeros((), np.int32)}
-    for k in _REPLAY_KEYS:
+    for k in keys:
         out[k] = np.zeros((capacity, length if k in ("tokens", "full_mask") else t),
                           np.int32 if k in ("tokens", "full_mask") else np.float32)
     return out
+
+
+def _replay_keys(buffer: dict) -> tuple[str, ...]:
+    return _TIS_REPLAY_KEYS if "tis_weight" in buffer else _REPLAY_KEYS
 
 
 def _replay_push(buffer: dict, batch: dict) -> dict:
@@ -638,8 +742,9 @@ def _replay_push(buffer: dict, batch: dict) -> dict:
     n = batch["tokens"].shape[0]
     pos = int(buffer["pos"])
     idx = (pos + np.arange(n)) % capacity
-    out = {k: np.array(buffer[k]) for k in _REPLAY_KEYS}
-    for k in _REPLAY_KEYS:
+    keys = _replay_keys(buffer)
+    out = {k: np.array(buffer[k]) for k in keys}
+    for k in keys:
         out[k][idx] = np.asarray(batch[k])
     out["pos"] = np.asarray((pos + n) % capacity, np.int32)
     out["size"] = np.asarray(min(int(buffer["size"]) + n, capacity), np.int32)
@@ -702,11 +807,13 @@ def train(
     if config.shared_critic and critic is not None:
         raise ValueError("shared_critic=True uses a value head on the policy; do not pass a critic")
     check_formats(prompts, "prompt")
-    # One mesh for all four models; every row count split over it is checked here, so a
-    # batch that does not fit fails at start naming its config field.
+    # One mesh for all four models (disaggregated: the sampler decodes on a mesh of its
+    # own); every row count split over them is checked here, so a batch that does not fit
+    # fails at start naming its config field.
     for m in (policy, reference, reward_model, critic):
         check_tokenizer_fits(m, tokenizer)
-    placement = make_placement(config.mesh, policy, config.mesh_rows())
+    roles = make_role_placements(config, policy, *config.role_rows())
+    placement, sampler_placement = roles.trainer, roles.sampler
     model = placed_model(policy, placement)
     pad = pad_id(tokenizer)
     stop_ids = tuple(dict.fromkeys((eos_id(tokenizer), *config.stop_token_ids)))
@@ -738,7 +845,8 @@ def train(
                              f"{model.config.vocab_size}: it must share the policy's tokenizer (wrap a "
                              "differently tokenized reward model in a reward_fn instead)")
         reward_model_fn = _make_reward_model_fn(rm, placement)
-    scorer = (RewardScorer(reward, default=config.reward_default, max_unscored_frac=config.max_unscored_frac)
+    scorer = (RewardScorer(reward, default=config.reward_default, max_unscored_frac=config.max_unscored_frac,
+                           workers=config.reward_workers)
               if reward is not None else None)
 
     # optimizers: one chain per parameter group
@@ -771,153 +879,213 @@ def train(
         "kl_coef": np.asarray(config.kl_coef, np.float32),
         "reward_stats": {k: np.zeros((), np.float32) for k in ("count", "mean", "m2")},
     }
+    tis = config.tis_cap is not None
+    replay_keys = _TIS_REPLAY_KEYS if tis else _REPLAY_KEYS
     if config.replay_capacity:
-        state["replay"] = _empty_replay(config.replay_capacity, config.max_prompt_len + t_len, t_len)
+        state["replay"] = _empty_replay(config.replay_capacity, config.max_prompt_len + t_len, t_len, replay_keys)
     loop = TrainLoop(config, config.run, desc="ppo")
     state, start = loop.start(state)
     if "prompt_loader" in loop.meta:
         loader.load_state_dict(loop.meta["prompt_loader"])
 
-    for step in range(start, config.run.total_steps):
-        t0 = time.perf_counter()
-        rng, k_step = jax.random.split(jax.random.wrap_key_data(jnp.asarray(state["rng"])))
-        params = state["params"]
-        beta = float(state["kl_coef"]) if config.kl_schedule == "adaptive" else config.kl_coef_at(step)
-
-        # sample: each device decodes its own prompt rows; the rollout comes back whole
+    def sample_step(step: int, k_step, current) -> dict:
+        """Sampling of one step with the policy ``current`` on the sampler's mesh, scored
+        by the reward function (or the environment); runs in the sampler thread when
+        max_staleness > 0, so everything it reads or counts is returned, not shared (the
+        prompt loader is advanced by this function only). The reward model scores in the
+        trainer's thread: it lives on the trainer's devices."""
+        t_start = time.perf_counter()
+        k_step = roles.to_sampler(k_step)  # the key, like the weights, onto the sampler's devices
         prompt_batch = next(loader)
-        current_policy = policy_split.merge(full_policy(params["policy"], frozen))
-        token_scores, episode_metrics = None, {}
+        drawn = {"prompt_batch": prompt_batch, "token_scores": None, "episode_metrics": {}, "env_rewards": None,
+                 "fn_scores": None}
         if env_factory is not None:  # the environment seed is replayed exactly on resume
-            with placement.context():
+            with sampler_placement.context():
                 episodes = generate_episodes(
-                    current_policy, tokenizer, [prompts[i] for i in prompt_batch.indices], env_factory,
+                    current, tokenizer, [prompts[i] for i in prompt_batch.indices], env_factory,
                     max_turns=config.max_turns, max_new_tokens=config.max_new_tokens, max_total_tokens=t_len,
                     num_samples=config.samples_per_prompt, temperature=config.temperature, top_k=config.top_k,
                     top_p=config.top_p, stop_token_ids=stop_ids, pad_token_id=pad, rng=k_step,
                     seed=config.run.seed * 1_000_003 + step, prompt_width=config.max_prompt_len)
-            rollout, token_scores, episode_metrics = episodes.rollout, episodes.step_rewards, episodes.summary()
+            drawn.update(rollout=episodes.rollout, token_scores=episodes.step_rewards,
+                         episode_metrics=episodes.summary(), env_rewards=episodes.rewards)
         else:
-            with placement.context():
+            with sampler_placement.context():
                 rollout = generate(
-                    current_policy, prompt_batch.tokens, prompt_batch.mask,
+                    current, prompt_batch.tokens, prompt_batch.mask,
                     max_new_tokens=t_len, num_samples=config.samples_per_prompt, temperature=config.temperature,
                     top_k=config.top_k, top_p=config.top_p, stop_token_ids=stop_ids, pad_token_id=pad, rng=k_step,
-                    prompt_bucket=0, mesh=placement.mesh,
+                    return_raw_logprobs=config.records_behaviour_logprobs, prompt_bucket=0,
+                    mesh=sampler_placement.mesh,
                 )
-            rollout = apply_stop_strings(placement.to_host(rollout), tokenizer, config.stop_strings)
-        t_sample = time.perf_counter() - t0
+            rollout = apply_stop_strings(sampler_placement.to_host(rollout), tokenizer, config.stop_strings)
+            drawn["rollout"] = rollout
+            if scorer is not None:
+                drawn["fn_scores"] = reward_fn_scores(rollout, prompt_batch, tokenizer, config, scorer)
+        drawn.update(scorer_metrics=scorer.step_metrics() if scorer is not None else {},
+                     loader_state=loader.state_dict(), seconds=time.perf_counter() - t_start)
+        return drawn
 
-        # score (episodes: the step rewards, placed on their tokens below; raw = their sum)
-        if env_factory is not None:
-            raw, valid = episodes.rewards.astype(np.float64), np.ones(n_rows, bool)
-        else:
-            raw, valid = score_rollout(rollout, prompt_batch, tokenizer, config, scorer=scorer,
-                                       reward_model_fn=reward_model_fn)
-        reward_stats = state["reward_stats"]
-        scores = np.where(valid, raw, 0.0).astype(np.float32)
-        if config.reward_norm and valid.any():
-            reward_stats = update_running_moments(reward_stats, raw[valid])
-            scores = np.where(valid, normalize_scores(raw, reward_stats), 0.0).astype(np.float32)
-        if config.reward_clip is not None:
-            scores = np.clip(scores, -config.reward_clip, config.reward_clip)
+    # The sampler's policy: the trainer's weights moved to the sampler's mesh (a resharding
+    # device_put when disaggregated; the same arrays when colocated).
+    sampler_split = policy_split._replace(rest=roles.to_sampler(policy_split.rest))
+    pipeline = SamplePipeline(sample_step, max_staleness=config.max_staleness, start=start,
+                              total_steps=config.run.total_steps, checkpoint_every=config.run.checkpoint_every,
+                              rng=state["rng"], name="ppo-sampler")
 
-        # log-probs, values, KL-shaped rewards, GAE: rows split over the mesh
-        t1 = time.perf_counter()
-        tokens, full_mask = placement.to_host(rollout.full_tokens())
-        mask = (np.asarray(rollout.mask) * valid[:, None]).astype(np.float32)
-        if token_scores is not None:  # the step rewards stand on their own tokens, not at the end
-            scores = np.zeros_like(scores)
-        rows = placement.rows({"tokens": tokens, "full_mask": full_mask, "scores": scores, "mask": mask,
-                               "token_scores": token_scores})
-        with placement.context():
-            old_logp, entropy, old_values, ref_logp = _evaluate(params, ref_params, rests, rows["tokens"],
-                                                                rows["full_mask"], graphs=graphs, opts=opts)
-            targets = _targets_jit(
-                rows["scores"], old_logp, ref_logp, old_values, rows["mask"],
-                beta=jnp.float32(beta if config.kl_in_reward else 0.0), kl_kind=config.kl_kind, gamma=config.gamma,
-                lam=config.lam, whiten=config.whiten_advantages, kl_reward_placement=config.kl_reward_placement,
-                token_scores=rows["token_scores"])
-        # whole-batch host copies: minibatches are cut from them, metrics read them
-        evaluated = placement.to_host({"old_logp": old_logp, "entropy": entropy, "old_values": old_values,
-                                       "ref_logp": ref_logp, **targets})
-        t_logprob = time.perf_counter() - t1
+    try:
+        for step in range(start, config.run.total_steps):
+            t0 = time.perf_counter()
+            params = state["params"]
+            beta = float(state["kl_coef"]) if config.kl_schedule == "adaptive" else config.kl_coef_at(step)
 
-        # update: ppo_epochs × minibatches (+ replayed rows)
-        t2 = time.perf_counter()
-        current = {
-            "tokens": tokens, "full_mask": full_mask, "mask": mask,
-            **{k: evaluated[k] for k in ("old_logp", "old_values", "advantages", "returns", "ref_logp")},
-        }
-        perm_rng = np.random.default_rng((config.run.seed, step, 20_000))
-        update_batch = current
-        replay_used = 0
-        if config.replay_capacity:
-            buffer = state["replay"]
-            if config.replay_rows and int(buffer["size"]) >= config.replay_rows:
-                pick = perm_rng.choice(int(buffer["size"]), config.replay_rows, replace=False)
-                update_batch = {k: np.concatenate([current[k], np.asarray(buffer[k])[pick]]) for k in _REPLAY_KEYS}
-                replay_used = config.replay_rows
-        batch_rows = n_rows + replay_used
-        mb_size = batch_rows // config.minibatches
-        opt_state, all_finite, update_metrics = state["opt_state"], True, []
-        passes = config.ppo_epochs if update_batch["mask"].sum() > 0 else 0  # nothing scored: no step
-        for _ in range(passes):
-            order = perm_rng.permutation(batch_rows) if config.minibatches > 1 else np.arange(batch_rows)
-            for mb in range(config.minibatches):
-                idx = order[mb * mb_size : (mb + 1) * mb_size]
-                mb_batch = placement.rows({**{k: v[idx] for k, v in update_batch.items()},
-                                           "kl_coef": np.float32(beta)})  # rank 0: replicated
-                with placement.context():
-                    params, opt_state, finite, m = _update_step(params, opt_state, mb_batch, rests, graphs=graphs,
-                                                               tx=tx, opts=opts, placement=placement)
-                finite, m = placement.to_host((finite, m))  # replicated scalars, read on every process
-                all_finite = all_finite and bool(finite)
-                update_metrics.append(m)
-        t_update = time.perf_counter() - t2
+            # sample (each sampler device decodes its own prompt rows; the rollout comes back
+            # whole) and score with the reward function / environment: up to max_staleness
+            # steps ahead, in the sampler thread
+            drawn, version, rng = pipeline.get(
+                step, lambda p=params["policy"]: sampler_split.merge(roles.to_sampler(full_policy(p, frozen))))
+            rollout, prompt_batch, token_scores = drawn["rollout"], drawn["prompt_batch"], drawn["token_scores"]
+            t_sample = time.perf_counter() - t0
 
-        # KL controller (per-sequence KL of this rollout)
-        seq_kl = evaluated["kl"].sum(axis=1)
-        kl_mean = float(seq_kl[valid].mean()) if valid.any() else 0.0
-        kl_coef_state = state["kl_coef"]
-        if config.kl_schedule == "adaptive":
-            kl_coef_state = np.asarray(
-                ops.adaptive_kl_coef(state["kl_coef"], kl_mean, n_rows, config.kl_target, config.kl_horizon), np.float32)
-        new_state = {"params": params, "opt_state": opt_state, "rng": jax.random.key_data(rng),
-                     "kl_coef": kl_coef_state, "reward_stats": reward_stats}
-        if config.replay_capacity:
-            new_state["replay"] = _replay_push(state["replay"], current)
-        state = new_state
+            # score (episodes: the step rewards, placed on their tokens below; raw = their sum;
+            # the reward model runs here, on the trainer's devices)
+            if env_factory is not None:
+                raw, valid = drawn["env_rewards"].astype(np.float64), np.ones(n_rows, bool)
+            else:
+                raw, valid = score_rollout(rollout, prompt_batch, tokenizer, config, scorer=None,
+                                           reward_model_fn=reward_model_fn, fn_scores=drawn["fn_scores"])
+            reward_stats = state["reward_stats"]
+            scores = np.where(valid, raw, 0.0).astype(np.float32)
+            if config.reward_norm and valid.any():
+                reward_stats = update_running_moments(reward_stats, raw[valid])
+                scores = np.where(valid, normalize_scores(raw, reward_stats), 0.0).astype(np.float32)
+            if config.reward_clip is not None:
+                scores = np.clip(scores, -config.reward_clip, config.reward_clip)
 
-        # metrics (update metrics are replicated scalars)
-        lengths = np.asarray(rollout.lengths)
-        mean_update = ({k: float(np.mean([float(m[k]) for m in update_metrics])) for k in update_metrics[0]}
-                       if update_metrics else {})
-        rewards_np = evaluated["rewards"]
-        metrics = {
-            **mean_update,
-            "reward": float(raw[valid].mean()) if valid.any() else 0.0,
-            "reward_std": float(raw[valid].std()) if valid.any() else 0.0,
-            "score": float(scores[valid].mean()) if valid.any() else 0.0,
-            "kl": kl_mean,
-            "kl_coef": beta,
-            "non_score_reward": float((rewards_np.sum(1) - np.where(valid, scores, 0.0))[valid].mean()) if valid.any() else 0.0,
-            "rollout_entropy": float(ops.masked_mean(evaluated["entropy"], mask)),
-            "explained_variance": explained_variance(evaluated["old_values"], evaluated["returns"], mask),
-            "value_mean": float(ops.masked_mean(evaluated["old_values"], mask)),
-            "returns_mean": float(ops.masked_mean(evaluated["returns"], mask)),
-            "response_length_mean": float(lengths.mean()),
-            "response_length_max": int(lengths.max()),
-            "truncated_fraction": float(np.mean(~np.asarray(rollout.finished))),
-            "reward_failures": int((~valid).sum()),
-            **(scorer.step_metrics() if scorer is not None else {}),
-            "replay_rows": replay_used,
-            **episode_metrics,
-            "time_sampling": t_sample,
-            "time_logprobs": t_logprob,
-            "time_update": t_update,
-        }
-        loop.end_step(step, state, metrics, finite=all_finite, meta={"prompt_loader": loader.state_dict()})
+            # log-probs, values, KL-shaped rewards, GAE: rows split over the mesh. The
+            # log-probs are the trainer's current policy's (decoupled PPO's proximal policy
+            # when the batch was sampled by an older one).
+            t1 = time.perf_counter()
+            tokens, full_mask = placement.to_host(rollout.full_tokens())
+            mask = (np.asarray(rollout.mask) * valid[:, None]).astype(np.float32)
+            if token_scores is not None:  # the step rewards stand on their own tokens, not at the end
+                scores = np.zeros_like(scores)
+            rows = placement.rows({"tokens": tokens, "full_mask": full_mask, "scores": scores, "mask": mask,
+                                   "token_scores": token_scores})
+            with placement.context():
+                old_logp, entropy, old_values, ref_logp = _evaluate(params, ref_params, rests, rows["tokens"],
+                                                                    rows["full_mask"], graphs=graphs, opts=opts)
+                targets = _targets_jit(
+                    rows["scores"], old_logp, ref_logp, old_values, rows["mask"],
+                    beta=jnp.float32(beta if config.kl_in_reward else 0.0), kl_kind=config.kl_kind,
+                    gamma=config.gamma, lam=config.lam, whiten=config.whiten_advantages,
+                    kl_reward_placement=config.kl_reward_placement, token_scores=rows["token_scores"])
+            # whole-batch host copies: minibatches are cut from them, metrics read them
+            evaluated = placement.to_host({"old_logp": old_logp, "entropy": entropy, "old_values": old_values,
+                                           "ref_logp": ref_logp, **targets})
+
+            # rollout correction: behaviour (sampler) → proximal (trainer) importance weights
+            # on the policy-gradient term; rejected tokens leave the update's mask (the
+            # targets above keep every valid token: rewards stay where they were earned)
+            loss_mask, correction = mask, {}
+            if config.records_behaviour_logprobs:
+                behaviour = np.asarray(rollout.raw_logprobs)
+                log_w = evaluated["old_logp"] - behaviour
+                correction["rollout_mismatch_abs"] = float(ops.masked_mean(np.abs(log_w), np.asarray(rollout.mask)))
+                if tis:
+                    weights, kept, is_metrics = ops.rollout_correction(
+                        evaluated["old_logp"], behaviour, mask, upper=config.tis_cap, lower=config.tis_lower,
+                        level=config.tis_level, mode=config.tis_mode, veto=config.tis_veto)
+                    loss_mask = mask * np.asarray(kept, np.float32)
+                    correction = {**{k: float(v) for k, v in is_metrics.items()}, **correction,
+                                  "tis_weight": np.asarray(weights, np.float32)}
+            t_logprob = time.perf_counter() - t1
+
+            # update: ppo_epochs × minibatches (+ replayed rows)
+            t2 = time.perf_counter()
+            current = {
+                "tokens": tokens, "full_mask": full_mask, "mask": loss_mask,
+                **{k: evaluated[k] for k in ("old_logp", "old_values", "advantages", "returns", "ref_logp")},
+            }
+            if tis:
+                current["tis_weight"] = correction.pop("tis_weight")
+            perm_rng = np.random.default_rng((config.run.seed, step, 20_000))
+            update_batch = current
+            replay_used = 0
+            if config.replay_capacity:
+                buffer = state["replay"]
+                if config.replay_rows and int(buffer["size"]) >= config.replay_rows:
+                    pick = perm_rng.choice(int(buffer["size"]), config.replay_rows, replace=False)
+                    update_batch = {k: np.concatenate([current[k], np.asarray(buffer[k])[pick]]) for k in replay_keys}
+                    replay_used = config.replay_rows
+            batch_rows = n_rows + replay_used
+            mb_size = batch_rows // config.minibatches
+            opt_state, all_finite, update_metrics = state["opt_state"], True, []
+            passes = config.ppo_epochs if update_batch["mask"].sum() > 0 else 0  # nothing scored: no step
+            for _ in range(passes):
+                order = perm_rng.permutation(batch_rows) if config.minibatches > 1 else np.arange(batch_rows)
+                for mb in range(config.minibatches):
+                    idx = order[mb * mb_size : (mb + 1) * mb_size]
+                    mb_batch = placement.rows({**{k: v[idx] for k, v in update_batch.items()},
+                                               "kl_coef": np.float32(beta)})  # rank 0: replicated
+                    with placement.context():
+                        params, opt_state, finite, m = _update_step(params, opt_state, mb_batch, rests,
+                                                                   graphs=graphs, tx=tx, opts=opts,
+                                                                   placement=placement)
+                    finite, m = placement.to_host((finite, m))  # replicated scalars, read on every process
+                    all_finite = all_finite and bool(finite)
+                    update_metrics.append(m)
+            t_update = time.perf_counter() - t2
+
+            # KL controller (per-sequence KL of this rollout)
+            seq_kl = evaluated["kl"].sum(axis=1)
+            kl_mean = float(seq_kl[valid].mean()) if valid.any() else 0.0
+            kl_coef_state = state["kl_coef"]
+            if config.kl_schedule == "adaptive":
+                kl_coef_state = np.asarray(
+                    ops.adaptive_kl_coef(state["kl_coef"], kl_mean, n_rows, config.kl_target, config.kl_horizon),
+                    np.float32)
+            new_state = {"params": params, "opt_state": opt_state, "rng": jax.random.key_data(rng),
+                         "kl_coef": kl_coef_state, "reward_stats": reward_stats}
+            if config.replay_capacity:
+                new_state["replay"] = _replay_push(state["replay"], current)
+            state = new_state
+
+            # metrics (update metrics are replicated scalars)
+            lengths = np.asarray(rollout.lengths)
+            mean_update = ({k: float(np.mean([float(m[k]) for m in update_metrics])) for k in update_metrics[0]}
+                           if update_metrics else {})
+            rewards_np = evaluated["rewards"]
+            metrics = {
+                **mean_update,
+                "reward": float(raw[valid].mean()) if valid.any() else 0.0,
+                "reward_std": float(raw[valid].std()) if valid.any() else 0.0,
+                "score": float(scores[valid].mean()) if valid.any() else 0.0,
+                "kl": kl_mean,
+                "kl_coef": beta,
+                "non_score_reward": (float((rewards_np.sum(1) - np.where(valid, scores, 0.0))[valid].mean())
+                                     if valid.any() else 0.0),
+                "rollout_entropy": float(ops.masked_mean(evaluated["entropy"], mask)),
+                "explained_variance": explained_variance(evaluated["old_values"], evaluated["returns"], mask),
+                "value_mean": float(ops.masked_mean(evaluated["old_values"], mask)),
+                "returns_mean": float(ops.masked_mean(evaluated["returns"], mask)),
+                "response_length_mean": float(lengths.mean()),
+                "response_length_max": int(lengths.max()),
+                "truncated_fraction": float(np.mean(~np.asarray(rollout.finished))),
+                "reward_failures": int((~valid).sum()),
+                **drawn["scorer_metrics"],
+                "replay_rows": replay_used,
+                **drawn["episode_metrics"],
+                "time_sampling": t_sample,
+                "time_logprobs": t_logprob,
+                "time_update": t_update,
+                "time_sampler": drawn["seconds"],
+                "staleness": step - version,
+                **correction,
+            }
+            loop.end_step(step, state, metrics, finite=all_finite, meta={"prompt_loader": drawn["loader_state"]})
+    finally:
+        pipeline.close()
 
     # the trained models stay on the mesh, sharded (place: a no-op unless LoRA merged them)
     trained = placement.place(policy_split.merge(full_policy(state["params"]["policy"], frozen)))

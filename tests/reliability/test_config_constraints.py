@@ -75,6 +75,11 @@ CASES = [
      r"sampler_mesh is set but placement='colocated' samples on the trainer's mesh"),
     ("grpo-reward_workers=0", GRPOConfig, dict(reward_workers=0), r"reward_workers: expected an int >= 1 .*got 0"),
     ("grpo-reward_workers-float", GRPOConfig, dict(reward_workers=2.0), r"reward_workers: expected an int >= 1 .*got 2.0"),
+    ("ppo-placement", PPOConfig, dict(placement="split"),
+     r"placement must be one of \('colocated', 'disaggregated'\), got 'split'"),
+    ("ppo-reward_workers=0", PPOConfig, dict(reward_workers=0), r"reward_workers: expected an int >= 1 .*got 0"),
+    ("ppo-max_staleness<0", PPOConfig, dict(max_staleness=-1), r"max_staleness must be >= 0"),
+    ("ppo-tis_cap=0", PPOConfig, dict(tis_cap=0.0), r"tis_cap must be > 0 or None .*got 0.0"),
     # ---- GRPOConfig: sampling, sizes
     ("grpo-temperature-nan", GRPOConfig, dict(temperature=NAN), r"temperature must be > 0 .*got nan"),
     ("grpo-top_p=0", GRPOConfig, dict(top_p=0.0), r"top_p must be in \(0, 1\] \(1 disables top-p\), got 0.0"),
