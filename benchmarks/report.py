@@ -42,6 +42,11 @@ SPECS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("B", "T"),
         ("scan_ms", "assoc_ms", "numpy_ms", "ratio_assoc_over_scan", "ratio_numpy_over_scan", "ratio_rlax_over_scan"),
     ),
+    "async_rl": (
+        ("variant", "reward_workers", "reward_ms", "layers", "dim", "num_devices"),
+        ("step_s", "tokens_per_s", "speedup_over_sync", "step_over_ideal", "time_sampling_s", "time_sampler_s",
+         "time_update_s"),
+    ),
     "end_to_end": (
         ("layers", "dim", "prompts", "group", "new_tokens", "inner_updates"),
         ("time_sampling_s", "time_logprobs_s", "time_update_s", "fraction_sampling", "fraction_update"),
