@@ -171,7 +171,7 @@ class SafeRewardFn:
       num_calls, num_samples, num_failed: running totals over all calls.
       failure_counts: collections.Counter of failure reasons over all calls.
 
-    With ``workers`` > 1 a call is cut into ``workers`` contiguous slices scored
+    With ``workers`` > 1 a call is cut into up to 4 · ``workers`` contiguous slices scored
     concurrently by a thread pool (each slice with its own per-sample fallback): a
     verifier that waits (a subprocess, a sandbox, a remote judge) then costs the batch
     about 1/workers of its time. The function must be safe to call from several threads.
@@ -213,7 +213,9 @@ class SafeRewardFn:
     def __call__(self, prompts: Sequence[str], completions: Sequence, **columns) -> list[float | None]:
         n = len(completions)
         if self.workers > 1 and n > 1:
-            w = min(self.workers, n)
+            # a few slices per worker, handed out as workers free up: a verifier whose cost
+            # varies per sample still keeps every worker busy
+            w = min(4 * self.workers, n)
             bounds = [n * k // w for k in range(w + 1)]
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"reward-{self.__name__}")

@@ -130,7 +130,9 @@ class GRPOConfig:
         training (0: synchronous). The update's clipped ratio is against the trainer's
         current policy (decoupled PPO); set ``tis_cap`` to correct for the older
         behaviour policy. Metrics ``staleness`` (versions between sampling and training)
-        and ``time_sampler``. Sampling never runs across a checkpoint, so resume stays
+        and ``time_sampler``. The decoupled ratio costs one extra log-prob pass per step
+        (the trainer's proximal policy) that a synchronous run with one update per batch
+        skips. Sampling never runs across a checkpoint, so resume stays
         exact (a signal-triggered checkpoint drops the in-flight samples; they are
         re-sampled with the restored policy).
       env: multi-turn environment factory spec, ``path/to/file.py:factory`` or
@@ -805,6 +807,7 @@ def train(
                 "time_logprobs": t_logprob,
                 "time_update": t_update,
                 "tokens_per_s": num_tokens / max(elapsed, 1e-9),
+                "time_step": elapsed,
                 **metrics_extra,
             }
             if has_ref:

@@ -1080,6 +1080,7 @@ def train(
                 "time_logprobs": t_logprob,
                 "time_update": t_update,
                 "time_sampler": drawn["seconds"],
+                "time_step": time.perf_counter() - t0,
                 "staleness": step - version,
                 **correction,
             }
