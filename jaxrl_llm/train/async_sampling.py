@@ -119,7 +119,7 @@ def make_role_placements(config: Any, policy: Any, trainer_rows: dict[str, int],
     counts each role splits over its batch axes (``{config field: rows}``)."""
     model_config = model_config_of(policy)
     if config.placement == "colocated":
-        placement = Placement.create(config.mesh, rows={**trainer_rows, **sampler_rows}, model_config=model_config)
+        placement = Placement.create(config.mesh, rows={**sampler_rows, **trainer_rows}, model_config=model_config)
         return RolePlacements(placement, placement)
     trainer_devices, sampler_devices = _split_devices(config.sampler_mesh)
     sampler_mesh = dataclasses.replace(config.sampler_mesh, num_devices=None)
