@@ -75,7 +75,7 @@ class ScalarHeadModel(nnx.Module):
     Args:
       config: architecture.
       pool: "none" (per-token values), "last" (reward at last valid token) or "mean".
-      rngs, param_dtype, dtype, remat, attention_impl, moe_impl: as `CausalLM`.
+      rngs, param_dtype, dtype, remat, attention_impl, moe_impl, scan_layers: as `CausalLM`.
     """
 
     def __init__(
@@ -89,6 +89,7 @@ class ScalarHeadModel(nnx.Module):
         remat: bool = False,
         attention_impl: str = "xla",
         moe_impl: str = "dense",
+        scan_layers: bool = False,
     ):
         if pool not in POOLS:
             raise ValueError(f"pool={pool!r}; expected one of {POOLS}.")
@@ -102,6 +103,7 @@ class ScalarHeadModel(nnx.Module):
             remat=remat,
             attention_impl=attention_impl,
             moe_impl=moe_impl,
+            scan_layers=scan_layers,
         )
         self.score = make_param(rngs, (config.hidden_size, 1), ("embed", None), param_dtype)
 

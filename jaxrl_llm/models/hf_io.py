@@ -318,6 +318,7 @@ def load_hf(
     remat: bool = False,
     attention_impl: str = "xla",
     moe_impl: str = "dense",
+    scan_layers: bool = False,
     rngs: nnx.Rngs | None = None,
     sharding_fn: Callable[[tuple, tuple], Any] | None = None,
 ):
@@ -331,7 +332,7 @@ def load_hf(
         "last" / "none" unless `pool` is given). A `*ForSequenceClassification`
         checkpoint (num_labels=1) provides `score.weight`; a causal-LM checkpoint gives
         the backbone and a freshly initialised score head (its lm_head is dropped).
-      remat, attention_impl, moe_impl: as `CausalLM`.
+      remat, attention_impl, moe_impl, scan_layers: as `CausalLM`.
       rngs: RNGs for freshly initialised parameters (default nnx.Rngs(0)).
       sharding_fn: optional (logical_axis_names, shape) → jax.sharding.Sharding; each
         tensor is placed with it directly (e.g. onto a mesh).
@@ -354,6 +355,7 @@ def load_hf(
         remat=remat,
         attention_impl=attention_impl,
         moe_impl=moe_impl,
+        scan_layers=scan_layers,
     )
     if kind == "causal_lm":
         model = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0), **options))

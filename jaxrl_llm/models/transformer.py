@@ -19,12 +19,20 @@ continue each row from `cache.next_position` (or `cumsum(attention_mask) − 1`)
 Parameters carry logical axis names ('vocab', 'embed', 'heads', 'kv_heads', 'head_dim',
 'mlp', 'experts', 'norm') for `parallel/` to map onto a mesh.
 
+Scanned decoder (`scan_layers=True`, opt-in): runs of consecutive identical blocks
+(`layer_runs`) go through one `lax.scan` over their parameters stacked per call, so XLA
+compiles one block body per run; same parameters, outputs and gradients as the unrolled
+loop. Flat compile time for forward-only programs (log-probs, decoding); the backward
+of the per-call stack makes the training update slower to compile, not faster
+(`benchmarks/README.md`, "Compile time: scanned layers").
+
 Shapes: B batch, T new tokens, S cache slots, D model dim, H heads, K kv heads,
 Hd head dim, F MLP width, V vocab, N layers, M MoE layers, k experts per token.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 from typing import Any
@@ -282,11 +290,13 @@ class Attention(nnx.Module):
         mask: Array,
         kv: tuple[Array, Array] | None,
         index: Array | None,
-        layer: int = 0,
+        layer: int | Array = 0,
     ):
         """x [B, T, D], positions [B, T], mask [B, T, S]; kv: the whole cache (k, v)
         [N, B, S, K, Hd] (this layer's new keys/values are written in place at
-        [layer, :, index]) or None (then S = T). Returns (y [B, T, D], kv)."""
+        [layer, :, index]) or None (then S = T). `layer` is a Python int, or a traced []
+        int32 (the scanned decoder, `Transformer(scan_layers=True)`). Returns
+        (y [B, T, D], kv)."""
         inv_freq = rope_inv_freq(self.config)
         q = apply_rope(self._project(x, self.q_proj, self.q_bias, self.q_norm), positions, inv_freq)
         k = apply_rope(self._project(x, self.k_proj, self.k_bias, self.k_norm), positions, inv_freq)
@@ -297,7 +307,11 @@ class Attention(nnx.Module):
             k_all = jax.lax.dynamic_update_slice(kv[0], k[None].astype(kv[0].dtype), start)
             v_all = jax.lax.dynamic_update_slice(kv[1], v[None].astype(kv[1].dtype), start)
             kv = (k_all, v_all)
-            k, v = k_all[layer], v_all[layer]
+            if isinstance(layer, int):
+                k, v = k_all[layer], v_all[layer]
+            else:  # traced layer index (inside lax.scan over layers)
+                k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
+                v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
         out = attend(q, k.astype(self.dtype), v.astype(self.dtype), mask, self.impl)
         y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(self.dtype))
         return y, kv
@@ -371,10 +385,15 @@ class Block(nnx.Module):
                 dtype=dtype,
             )
 
-    def __call__(self, x, positions, mask, kv, index, routing, token_mask):
+    def __call__(self, x, positions, mask, kv, index, routing, token_mask, layer=None):
         """Returns (x [B, T, D], kv cache or None, indices [B, T, k] or None, aux [2] =
-        (load-balancing loss, router z-loss), zeros for a dense block)."""
-        h, kv = self.attn(self.input_norm(x), positions, mask, kv, index, self.layer)
+        (load-balancing loss, router z-loss), zeros for a dense block).
+
+        `layer`: this block's index in the KV cache; default `self.layer`. The scanned
+        decoder passes a traced index instead (one block body serves a run of layers,
+        so the static `self.layer` of the run's first block must not be read)."""
+        layer = self.layer if layer is None else layer
+        h, kv = self.attn(self.input_norm(x), positions, mask, kv, index, layer)
         x = x + h
         h = self.post_attn_norm(x)
         if self.is_moe:
@@ -385,7 +404,17 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Backbone: embedding, decoder blocks, final norm. Returns normed hidden states."""
+    """Backbone: embedding, decoder blocks, final norm. Returns normed hidden states.
+
+    `scan_layers=True` runs each run of consecutive identical blocks (same structure,
+    sliding window and dense/MoE kind) as one `jax.lax.scan` over the run's parameters,
+    stacked on the fly, so XLA compiles one block body per run instead of one per layer
+    (compile time of forward-only programs nearly flat in depth; an update's backward
+    compiles slower, see below). The parameters stay per-layer (`layers.<i>...`),
+    so checkpoints, HF export, LoRA and sharding rules are the same with and without it;
+    only the graph traced differs (stacking copies the run's weights once per forward).
+    See `benchmarks/README.md`, "Compile time: scanned layers".
+    """
 
     def __init__(
         self,
@@ -397,6 +426,7 @@ class Transformer(nnx.Module):
         remat: bool = False,
         attention_impl: str = "xla",
         moe_impl: str = "dense",
+        scan_layers: bool = False,
     ):
         if attention_impl not in ATTENTION_IMPLS:
             raise ValueError(
@@ -405,6 +435,7 @@ class Transformer(nnx.Module):
         self.config = config
         self.dtype = dtype
         self.remat = remat
+        self.scan_layers = scan_layers
         self.embed = make_param(
             rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), param_dtype
         )
@@ -499,7 +530,23 @@ class Transformer(nnx.Module):
         all_indices, aux_total = [], jnp.zeros((2,), jnp.float32)
         kv = None if cache is None else (cache.k, cache.v)
         moe_i = 0
-        for block in self.layers:
+        runs = layer_runs(self) if self.scan_layers else [(i, i + 1) for i in range(len(self.layers))]
+        for start, stop in runs:
+            first = self.layers[start]
+            if stop - start > 1:  # scan_layers: blocks start … stop − 1 as one lax.scan
+                num_moe = (stop - start) if first.is_moe else 0
+                run_routing = None
+                if num_moe and routing is not None:
+                    run_routing = routing[moe_i : moe_i + num_moe]
+                x, kv, indices, aux_total = _scan_blocks(
+                    [self.layers[i] for i in range(start, stop)], start, self.remat,
+                    x, positions, masks[first.window], kv, index, run_routing, token_valid, aux_total,
+                )
+                if num_moe:
+                    all_indices.extend(indices[j] for j in range(num_moe))
+                    moe_i += num_moe
+                continue
+            block = first
             layer_routing = None
             if block.is_moe and routing is not None:
                 layer_routing = routing[moe_i]
@@ -543,6 +590,87 @@ def _call_block(block, *args):
     return block(*args)
 
 
+def _scan_signature(block: Block):
+    """What must match for two blocks to share one scanned body: the block's graphdef
+    (module types, static attributes — window, MoE or dense, dtypes, attention impl —,
+    parameter names and metadata) with `Block.layer`, the one attribute that differs by
+    index alone, neutralised. Parameter shapes and dtypes are checked when stacking."""
+    graphdef = nnx.graphdef(block)
+    attributes = getattr(graphdef, "attributes", None)
+    if attributes is None or not dataclasses.is_dataclass(graphdef):
+        # unknown GraphDef layout (another flax version): every block is its own run,
+        # i.e. the unrolled decoder (correct, just not compile-time flat)
+        return graphdef
+    neutral = tuple((name, None) if name == "layer" else (name, value) for name, value in attributes)
+    return dataclasses.replace(graphdef, attributes=neutral)
+
+
+def layer_runs(model: Transformer) -> list[tuple[int, int]]:
+    """[start, stop) ranges of consecutive decoder blocks that `scan_layers=True` runs as
+    one `lax.scan` (blocks of equal `_scan_signature`); a range of length 1 is a block
+    called as in the unrolled decoder. E.g. llama: [(0, N)]; qwen3_moe with
+    `mlp_only_layers=(0,)`: [(0, 1), (1, N)]; alternating dense/MoE layers: all length 1."""
+    runs: list[tuple[int, int]] = []
+    previous = None
+    for i, block in enumerate(model.layers):
+        signature = _scan_signature(block)
+        if runs and signature == previous:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+        previous = signature
+    return runs
+
+
+def _scan_blocks(blocks, start, remat, x, positions, mask, kv, index, routing, token_mask, aux_total):
+    """Runs identical blocks (layers start … start + n − 1) as one `lax.scan`.
+
+    The blocks' parameters are stacked along a new leading axis (a copy, made per call;
+    gradients flow back to the per-layer parameters through the stack, as one slice per
+    layer and parameter); the scan body
+    merges one layer's slice into the first block's graphdef and calls it with the
+    traced layer index, which picks the layer's slice of the stacked KV cache (updated
+    in place in the carry). The activation sharding hints of the unrolled loop sit
+    inside the body; with `remat` the body is rematerialised (`jax.checkpoint`), i.e.
+    per block as in the unrolled decoder.
+
+    Args:
+      blocks: n ≥ 2 `Block`s of one `layer_runs` range.
+      start: index of the first one.
+      routing: [n, B, T, k] replayed expert choices of these (MoE) layers, or None.
+      aux_total: [2] running sum of MoE aux losses (carried, summed in layer order).
+
+    Returns:
+      (x, kv, indices [n, B, T, k] or None (dense), aux_total).
+    """
+    graphdef = nnx.graphdef(blocks[0])
+    # equal signatures (layer_runs) → equal state trees; jnp.stack checks the shapes
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(block) for block in blocks])
+    layers = jnp.arange(start, start + len(blocks), dtype=jnp.int32)
+    is_moe = blocks[0].is_moe
+
+    def body(carry, xs):
+        x, kv, aux_total = carry
+        state, layer, layer_routing = xs
+        block = nnx.merge(graphdef, state)
+        x = constrain(x, ("batch", "length", "embed"))
+        x, kv, indices, aux = block(
+            x, positions, mask, kv, index, layer_routing, token_mask, layer=layer
+        )
+        x = constrain(x, ("batch", "length", "embed"))
+        if is_moe:
+            aux_total = aux_total + aux
+        return (x, kv, aux_total), indices
+
+    if remat:
+        # prevent_cse=False is safe (and cheaper) inside scan (jax.checkpoint docs)
+        body = jax.checkpoint(body, prevent_cse=False)
+    (x, kv, aux_total), indices = jax.lax.scan(
+        body, (x, kv, aux_total), (stacked, layers, routing)
+    )
+    return x, kv, indices, aux_total
+
+
 @partial(nnx.remat, prevent_cse=True)
 def _remat_block(block, *args):
     return block(*args)
@@ -559,6 +687,13 @@ class CausalLM(nnx.Module):
       remat: wrap every decoder block in `jax.checkpoint`.
       attention_impl: "xla" (default), "cudnn", "auto" (jax picks) or "einsum".
       moe_impl: MoE expert computation, "dense" (default) or "ragged" (`moe.py`).
+      scan_layers: run runs of identical decoder blocks as one `lax.scan` (same
+        parameters and results, see `Transformer`). Forward-only programs (log-probs,
+        decoding, `generate`) then compile in nearly flat time in depth, at 1.2-2.4x
+        their run time on CPU; a training update compiles *slower* (per-layer gradient
+        slices), so leave it off for training.
+        A static attribute (`model.model.scan_layers`), so it can also be set after
+        construction or loading.
     """
 
     def __init__(
@@ -571,6 +706,7 @@ class CausalLM(nnx.Module):
         remat: bool = False,
         attention_impl: str = "xla",
         moe_impl: str = "dense",
+        scan_layers: bool = False,
     ):
         self.config = config
         self.dtype = dtype
@@ -582,6 +718,7 @@ class CausalLM(nnx.Module):
             remat=remat,
             attention_impl=attention_impl,
             moe_impl=moe_impl,
+            scan_layers=scan_layers,
         )
         if config.tie_word_embeddings:
             self.lm_head = None
