@@ -130,27 +130,31 @@ def make_role_placements(config: Any, policy: Any, trainer_rows: dict[str, int],
 
 
 class SamplePipeline:
-    """Samples the steps of a run, up to ``max_staleness`` steps ahead of the trainer.
+    """Samples the steps of a run, up to ``config.max_staleness`` steps ahead of the trainer.
 
-    ``sample(step, key, policy) -> drawn`` samples and scores one step; it runs in a
+    ``sample(step, key, policy) -> drawn`` samples and scores one step with ``policy``, the
+    sampler's copy of the model, and ``key``, on the sampler's devices; it runs in a
     sampler thread when ``max_staleness`` > 0, so it must return everything it reads or
-    counts rather than share it. ``get(step, policy)`` returns ``(drawn, version, key)``
+    counts rather than share it. ``get(step, params)`` returns ``(drawn, version, rng)``
     for ``step``: what was sampled, the step whose policy sampled it (``step - version``
-    is the staleness) and the state rng after ``step``. ``policy`` is a function giving
-    the current sampler policy; it is called only when a step is submitted.
+    is the staleness) and the state rng after ``step``. ``params`` is a function giving
+    the trainer's current (full) policy parameters; it is called, and the weights moved
+    to the sampler (``RolePlacements.to_sampler``), only when a step is submitted.
 
     Args:
       sample: the sampling function.
-      max_staleness: policy versions the sampler may run ahead (0: synchronous).
+      config: the trainer config (``max_staleness``, ``run.total_steps``,
+        ``run.checkpoint_every``: nothing is sampled across a checkpoint).
+      roles: the run's placements.
+      split: the policy as (graphdef, params, rest); its ``rest`` is moved to the sampler
+        once.
       start: the first step of this (possibly resumed) run.
-      total_steps: the run's step count.
-      checkpoint_every: the run's checkpoint period (0: none); nothing is sampled across
-        a checkpoint.
       rng: the train state's rng at ``start`` (key data).
     """
 
-    def __init__(self, sample: Callable[[int, Any, Any], Any], *, max_staleness: int, start: int,
-                 total_steps: int, checkpoint_every: int, rng: Any, name: str = "sampler"):
+    def __init__(self, sample: Callable[[int, Any, Any], Any], config: Any, roles: RolePlacements, split: Any, *,
+                 start: int, rng: Any, name: str = "sampler"):
+        max_staleness = config.max_staleness
         if max_staleness and jax.process_count() > 1:
             # Every process must issue the same collectives in the same order; the sampler
             # thread's (sampling on the mesh, gathering the rollout) would interleave with
@@ -161,8 +165,10 @@ class SamplePipeline:
                 "processes)")
         self.sample = sample
         self.max_staleness = max_staleness
-        self.total_steps = total_steps
-        self.checkpoint_every = checkpoint_every
+        self.total_steps = config.run.total_steps
+        self.checkpoint_every = config.run.checkpoint_every
+        self.roles = roles
+        self._sampler_split = split._replace(rest=roles.to_sampler(split.rest))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name) if max_staleness else None
         self._pending: dict[int, tuple[Future, int]] = {}  # step -> (future, policy version)
         self._rng_before = {start: jax.random.wrap_key_data(jnp.asarray(rng))}  # step -> state rng at its start
@@ -178,19 +184,27 @@ class SamplePipeline:
     def _checkpointed_after(self, j: int) -> bool:
         return bool(self.checkpoint_every) and (j + 1) % self.checkpoint_every == 0
 
-    def get(self, step: int, policy: Callable[[], Any]) -> tuple[Any, int, Any]:
-        rng, k_step = self._key(step)
+    def _sampler_key(self, j: int) -> Any:
+        """Step j's sampling key, like the weights, on the sampler's devices."""
+        return self.roles.to_sampler(self._key(j)[1])
+
+    def get(self, step: int, params: Callable[[], Any]) -> tuple[Any, int, Any]:
+        rng, _ = self._key(step)
         for old in [k for k in self._step_keys if k < step]:
             self._rng_before.pop(old, None)
             self._step_keys.pop(old)
+
+        def policy():
+            return self._sampler_split.merge(self.roles.to_sampler(params()))
+
         if self._executor is None:
-            return self.sample(step, k_step, policy()), step, rng
+            return self.sample(step, self._sampler_key(step), policy()), step, rng
         current = None
         ahead = step
         while ahead <= min(step + self.max_staleness, self.total_steps - 1):
             if ahead not in self._pending:
                 current = policy() if current is None else current
-                self._pending[ahead] = (self._executor.submit(self.sample, ahead, self._key(ahead)[1], current), step)
+                self._pending[ahead] = (self._executor.submit(self.sample, ahead, self._sampler_key(ahead), current), step)
             if self._checkpointed_after(ahead):  # nothing is sampled across a checkpoint
                 break
             ahead += 1

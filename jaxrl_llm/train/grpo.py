@@ -654,7 +654,6 @@ def train(
         round cap) with the policy ``current``; runs in the sampler thread when
         max_staleness > 0, so everything it reads or counts is returned, not shared."""
         t_start = time.perf_counter()
-        k_step = roles.to_sampler(k_step)  # the key, like the weights, onto the sampler's devices
         rounds: list[ScoredBatch] = []
         episode_metrics: list[dict] = []
         informative_before = None
@@ -681,18 +680,15 @@ def train(
                 "scorer_metrics": scorer.step_metrics() if scorer is not None else {},
                 "loader_state": loader.state_dict(), "seconds": time.perf_counter() - t_start}
 
-    # The sampler's policy: the trainer's weights moved to the sampler's mesh (a resharding
-    # device_put when disaggregated; the same arrays when colocated).
-    sampler_split = split._replace(rest=roles.to_sampler(split.rest))
-    pipeline = SamplePipeline(sample_step, max_staleness=config.max_staleness, start=start,
-                              total_steps=config.run.total_steps, checkpoint_every=config.run.checkpoint_every,
-                              rng=state["rng"], name="grpo-sampler")
+    # the sampler's policy: the trainer's weights moved to the sampler's mesh (a resharding
+    # device_put when disaggregated; the same arrays when colocated)
+    pipeline = SamplePipeline(sample_step, config, roles, split, start=start, rng=state["rng"], name="grpo-sampler")
 
     try:
         for step in range(start, config.run.total_steps):
             t0 = time.perf_counter()
             policy_params = full_params(state["params"], frozen)
-            drawn, version, rng = pipeline.get(step, lambda: sampler_split.merge(roles.to_sampler(policy_params)))
+            drawn, version, rng = pipeline.get(step, lambda: policy_params)
             rounds, episode_metrics = drawn["rounds"], drawn["episode_metrics"]
             informative_before = drawn["informative_before"]
             t_sample = time.perf_counter() - t0

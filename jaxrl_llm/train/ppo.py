@@ -895,7 +895,6 @@ def train(
         prompt loader is advanced by this function only). The reward model scores in the
         trainer's thread: it lives on the trainer's devices."""
         t_start = time.perf_counter()
-        k_step = roles.to_sampler(k_step)  # the key, like the weights, onto the sampler's devices
         prompt_batch = next(loader)
         drawn = {"prompt_batch": prompt_batch, "token_scores": None, "episode_metrics": {}, "env_rewards": None,
                  "fn_scores": None}
@@ -926,12 +925,10 @@ def train(
                      loader_state=loader.state_dict(), seconds=time.perf_counter() - t_start)
         return drawn
 
-    # The sampler's policy: the trainer's weights moved to the sampler's mesh (a resharding
-    # device_put when disaggregated; the same arrays when colocated).
-    sampler_split = policy_split._replace(rest=roles.to_sampler(policy_split.rest))
-    pipeline = SamplePipeline(sample_step, max_staleness=config.max_staleness, start=start,
-                              total_steps=config.run.total_steps, checkpoint_every=config.run.checkpoint_every,
-                              rng=state["rng"], name="ppo-sampler")
+    # the sampler's policy: the trainer's weights moved to the sampler's mesh (a resharding
+    # device_put when disaggregated; the same arrays when colocated)
+    pipeline = SamplePipeline(sample_step, config, roles, policy_split, start=start, rng=state["rng"],
+                              name="ppo-sampler")
 
     try:
         for step in range(start, config.run.total_steps):
@@ -943,7 +940,7 @@ def train(
             # whole) and score with the reward function / environment: up to max_staleness
             # steps ahead, in the sampler thread
             drawn, version, rng = pipeline.get(
-                step, lambda p=params["policy"]: sampler_split.merge(roles.to_sampler(full_policy(p, frozen))))
+                step, lambda p=params["policy"]: full_policy(p, frozen))
             rollout, prompt_batch, token_scores = drawn["rollout"], drawn["prompt_batch"], drawn["token_scores"]
             t_sample = time.perf_counter() - t0
 
