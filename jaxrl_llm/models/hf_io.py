@@ -38,6 +38,7 @@ from safetensors.numpy import save_file
 
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.heads import ScalarHeadModel
+from jaxrl_llm.models.layer_stacking import backbone, stack_layers, unstack_layers
 from jaxrl_llm.models.transformer import CausalLM
 from jaxrl_llm.parallel.placement import host_array
 
@@ -355,8 +356,7 @@ def load_hf(
         remat=remat,
         attention_impl=attention_impl,
         moe_impl=moe_impl,
-        scan_layers=scan_layers,
-    )
+    )  # built per layer, the checkpoint's layout; stacked at the end (scan_layers)
     if kind == "causal_lm":
         model = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0), **options))
     else:
@@ -464,7 +464,22 @@ def load_hf(
     ]
     if unset:
         raise ValueError(f"checkpoint {path!r} left parameters unset: {unset[:8]}.")
+    if scan_layers:
+        model = _stacked(model, sharding_fn)
     return model, config
+
+
+def _stacked(model, sharding_fn):
+    """`stack_layers(model)`, each stacked parameter placed by `sharding_fn` (if given)
+    under its logical names, 'layers' first, like the per-layer tensors were."""
+    model = stack_layers(model)
+    if sharding_fn is not None:
+        for _, var in nnx.iter_graph(backbone(model).stacks):
+            if isinstance(var, nnx.Variable):
+                names = var.get_metadata().get("out_sharding") or ()
+                value = var.get_value()
+                var.set_value(jax.device_put(value, sharding_fn(tuple(names), value.shape)))
+    return model
 
 
 def _split_fused(
@@ -513,6 +528,7 @@ def save_hf(
     all-gathered, one at a time); only process 0 writes files.
     """
     writer = jax.process_index() == 0
+    model = unstack_layers(model)  # HF names tensors per layer (a copy if stacked)
     config: ModelConfig = model.config
     kind = "causal_lm" if isinstance(model, CausalLM) else "reward"
     if writer:

@@ -20,10 +20,13 @@ Parameters carry logical axis names ('vocab', 'embed', 'heads', 'kv_heads', 'hea
 'mlp', 'experts', 'norm') for `parallel/` to map onto a mesh.
 
 Scanned decoder (`scan_layers=True`, opt-in): runs of consecutive identical blocks
-(`layer_runs`) go through one `lax.scan` over their parameters stacked per call, so XLA
-compiles one block body per run; same parameters, outputs and gradients as the unrolled
-loop. Flat compile time for forward-only programs (log-probs, decoding); the backward
-of the per-call stack makes the training update slower to compile, not faster
+(`block_runs`) are *stored* stacked — one `Block` per run whose parameters carry a
+leading [n] axis (logical name 'layers'), at `model.stacks.<run>` instead of
+`model.layers.<i>` — and go through one `lax.scan`, so XLA compiles one block body per
+run and the optimizer updates n layers per kernel: compile time nearly flat in depth for
+forward, decoding and the training update alike. Same outputs and gradients as the
+unrolled loop; `stack_layers` / `unstack_layers` (`layer_stacking.py`) convert a model
+between the two layouts, and the HF loader / exporter go through them
 (`benchmarks/README.md`, "Compile time: scanned layers").
 
 Shapes: B batch, T new tokens, S cache slots, D model dim, H heads, K kv heads,
@@ -406,13 +409,12 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
     """Backbone: embedding, decoder blocks, final norm. Returns normed hidden states.
 
-    `scan_layers=True` runs each run of consecutive identical blocks (same structure,
-    sliding window and dense/MoE kind) as one `jax.lax.scan` over the run's parameters,
-    stacked on the fly, so XLA compiles one block body per run instead of one per layer
-    (compile time of forward-only programs nearly flat in depth; an update's backward
-    compiles slower, see below). The parameters stay per-layer (`layers.<i>...`),
-    so checkpoints, HF export, LoRA and sharding rules are the same with and without it;
-    only the graph traced differs (stacking copies the run's weights once per forward).
+    `scan_layers=True` stores each run of consecutive identical blocks (same structure,
+    sliding window and dense/MoE kind; `block_runs`) as one `Block` with stacked [n, ...]
+    parameters (`self.stacks[r]`, layers `self.stack_ranges[r]` = [start, stop)) and runs
+    it as one `jax.lax.scan`, so XLA compiles one block body per run instead of one per
+    layer, for the forward and its gradient, and the gradient arrives stacked (no
+    per-layer slices for the optimizer). Unrolled (default): `self.layers[i]`.
     See `benchmarks/README.md`, "Compile time: scanned layers".
     """
 
@@ -439,23 +441,55 @@ class Transformer(nnx.Module):
         self.embed = make_param(
             rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), param_dtype
         )
-        self.layers = nnx.List(
-            [
-                Block(
-                    config,
-                    i,
-                    rngs=rngs,
-                    param_dtype=param_dtype,
-                    dtype=dtype,
-                    impl=attention_impl,
-                    moe_impl=moe_impl,
-                )
-                for i in range(config.num_layers)
-            ]
-        )
+        blocks = [
+            Block(
+                config,
+                i,
+                rngs=rngs,
+                param_dtype=param_dtype,
+                dtype=dtype,
+                impl=attention_impl,
+                moe_impl=moe_impl,
+            )
+            for i in range(config.num_layers)
+        ]
+        if scan_layers:
+            # built per layer first, so a scanned model has the unrolled one's weights
+            self.set_stacks(blocks)
+        else:
+            self.layers = nnx.List(blocks)
         self.norm = RMSNorm(
             config.hidden_size, eps=config.rms_norm_eps, rngs=rngs, param_dtype=param_dtype
         )
+
+    def set_stacks(self, blocks: list[Block]) -> None:
+        """Stores `blocks` (the decoder, per layer, in order) stacked: one `stack_blocks`
+        per `block_runs` range (`self.stacks`, `self.stack_ranges`), no `self.layers`."""
+        runs = block_runs(blocks)
+        self.stack_ranges = tuple(runs)
+        self.stacks = nnx.List([stack_blocks(blocks[start:stop]) for start, stop in runs])
+        if "layers" in vars(self):
+            del self.layers
+        self.scan_layers = True
+
+    def set_layers(self, blocks: list[Block]) -> None:
+        """Stores `blocks` per layer (`self.layers`), the unrolled decoder."""
+        self.layers = nnx.List(blocks)
+        for name in ("stacks", "stack_ranges"):
+            if name in vars(self):
+                delattr(self, name)
+        self.scan_layers = False
+
+    def blocks(self) -> list[Block]:
+        """The decoder as per-layer `Block`s (slices of the stacks when scanned: new
+        arrays, not views — for conversion and inspection, not for training)."""
+        if not self.scan_layers:
+            return list(self.layers)
+        return [
+            block
+            for stack, (start, stop) in zip(self.stacks, self.stack_ranges)
+            for block in unstack_block(stack, start, stop - start)
+        ]
 
     def __call__(
         self,
@@ -519,7 +553,7 @@ class Transformer(nnx.Module):
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
         masks = {}
-        for window in {blk.window for blk in self.layers}:
+        for window in {blk.window for blk in (self.stacks if self.scan_layers else self.layers)}:
             masks[window] = make_attention_mask(q_slots, positions, kv_valid, kv_positions, window)
             if segment_ids is not None:
                 check_same_shape(tokens=tokens, segment_ids=segment_ids)
@@ -530,38 +564,36 @@ class Transformer(nnx.Module):
         all_indices, aux_total = [], jnp.zeros((2,), jnp.float32)
         kv = None if cache is None else (cache.k, cache.v)
         moe_i = 0
-        runs = layer_runs(self) if self.scan_layers else [(i, i + 1) for i in range(len(self.layers))]
-        for start, stop in runs:
-            first = self.layers[start]
-            if stop - start > 1:  # scan_layers: blocks start … stop − 1 as one lax.scan
-                num_moe = (stop - start) if first.is_moe else 0
+        if self.scan_layers:
+            for stack, (start, stop) in zip(self.stacks, self.stack_ranges):
+                num_moe = (stop - start) if stack.is_moe else 0
                 run_routing = None
                 if num_moe and routing is not None:
                     run_routing = routing[moe_i : moe_i + num_moe]
                 x, kv, indices, aux_total = _scan_blocks(
-                    [self.layers[i] for i in range(start, stop)], start, self.remat,
-                    x, positions, masks[first.window], kv, index, run_routing, token_valid, aux_total,
+                    stack, start, stop - start, self.remat,
+                    x, positions, masks[stack.window], kv, index, run_routing, token_valid, aux_total,
                 )
                 if num_moe:
                     all_indices.extend(indices[j] for j in range(num_moe))
                     moe_i += num_moe
-                continue
-            block = first
-            layer_routing = None
-            if block.is_moe and routing is not None:
-                layer_routing = routing[moe_i]
-            call = _remat_block if self.remat else _call_block
-            # Rows split over the mesh's batch axes at every block boundary: without the
-            # hint XLA may keep activations replicated over fsdp (a no-op without a mesh).
-            x = constrain(x, ("batch", "length", "embed"))
-            x, kv, indices, aux = call(
-                block, x, positions, masks[block.window], kv, index, layer_routing, token_valid
-            )
-            x = constrain(x, ("batch", "length", "embed"))
-            if block.is_moe:
-                all_indices.append(indices)
-                aux_total = aux_total + aux
-                moe_i += 1
+        else:
+            for block in self.layers:
+                layer_routing = None
+                if block.is_moe and routing is not None:
+                    layer_routing = routing[moe_i]
+                call = _remat_block if self.remat else _call_block
+                # Rows split over the mesh's batch axes at every block boundary: without the
+                # hint XLA may keep activations replicated over fsdp (a no-op without a mesh).
+                x = constrain(x, ("batch", "length", "embed"))
+                x, kv, indices, aux = call(
+                    block, x, positions, masks[block.window], kv, index, layer_routing, token_valid
+                )
+                x = constrain(x, ("batch", "length", "embed"))
+                if block.is_moe:
+                    all_indices.append(indices)
+                    aux_total = aux_total + aux
+                    moe_i += 1
         hidden = self.norm(x)
         if cache is not None:
             new_cache = new_cache.replace(k=kv[0], v=kv[1])
@@ -605,14 +637,14 @@ def _scan_signature(block: Block):
     return dataclasses.replace(graphdef, attributes=neutral)
 
 
-def layer_runs(model: Transformer) -> list[tuple[int, int]]:
-    """[start, stop) ranges of consecutive decoder blocks that `scan_layers=True` runs as
-    one `lax.scan` (blocks of equal `_scan_signature`); a range of length 1 is a block
-    called as in the unrolled decoder. E.g. llama: [(0, N)]; qwen3_moe with
-    `mlp_only_layers=(0,)`: [(0, 1), (1, N)]; alternating dense/MoE layers: all length 1."""
+def block_runs(blocks: list[Block]) -> list[tuple[int, int]]:
+    """[start, stop) ranges of consecutive blocks of equal `_scan_signature`, which
+    `scan_layers=True` stores stacked and runs as one `lax.scan` each. E.g. llama:
+    [(0, N)]; qwen3_moe with `mlp_only_layers=(0,)`: [(0, 1), (1, N)]; alternating
+    dense/MoE layers: all of length 1."""
     runs: list[tuple[int, int]] = []
     previous = None
-    for i, block in enumerate(model.layers):
+    for i, block in enumerate(blocks):
         signature = _scan_signature(block)
         if runs and signature == previous:
             runs[-1] = (runs[-1][0], i + 1)
@@ -622,32 +654,79 @@ def layer_runs(model: Transformer) -> list[tuple[int, int]]:
     return runs
 
 
-def _scan_blocks(blocks, start, remat, x, positions, mask, kv, index, routing, token_mask, aux_total):
-    """Runs identical blocks (layers start … start + n − 1) as one `lax.scan`.
+def layer_runs(model: Transformer) -> list[tuple[int, int]]:
+    """The [start, stop) layer ranges `model` runs as one block each: its stacks'
+    ranges when scanned, else one range per layer."""
+    if model.scan_layers:
+        return list(model.stack_ranges)
+    return [(i, i + 1) for i in range(len(model.layers))]
 
-    The blocks' parameters are stacked along a new leading axis (a copy, made per call;
-    gradients flow back to the per-layer parameters through the stack, as one slice per
-    layer and parameter); the scan body
-    merges one layer's slice into the first block's graphdef and calls it with the
-    traced layer index, which picks the layer's slice of the stacked KV cache (updated
-    in place in the carry). The activation sharding hints of the unrolled loop sit
-    inside the body; with `remat` the body is rematerialised (`jax.checkpoint`), i.e.
-    per block as in the unrolled decoder.
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _with_layers_axis(variable: nnx.Variable, value: Array, add: bool) -> nnx.Variable:
+    """`variable` holding `value`, its logical axis names with a leading 'layers' added
+    (`add`) or removed."""
+    metadata = {}
+    for key in ("out_sharding", "sharding_names"):
+        names = variable.get_metadata().get(key)
+        if names is not None:
+            metadata[key] = ("layers", *names) if add else tuple(names)[1:]
+    return variable.replace(value=value, **metadata)
+
+
+def stack_blocks(blocks: list[Block]) -> Block:
+    """One `Block` (the first's structure) whose parameters are the blocks' stacked on a
+    new leading [n] axis, named 'layers' in the sharding metadata. The blocks must be one
+    `block_runs` range (equal structure; `jnp.stack` checks the shapes)."""
+    graphdef = nnx.graphdef(blocks[0])
+    states = [nnx.state(block) for block in blocks]
+
+    def stack(*variables):
+        value = jnp.stack([v.get_value() for v in variables])
+        return _with_layers_axis(variables[0], value, add=True)
+
+    return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=_is_variable))
+
+
+def unstack_block(stack: Block, start: int, size: int) -> list[Block]:
+    """The `size` per-layer `Block`s (layers start, start + 1, …) of a stacked block."""
+    graphdef, state = nnx.split(stack)
+    blocks = []
+    for j in range(size):
+        sliced = jax.tree.map(
+            lambda v, j=j: _with_layers_axis(v, v.get_value()[j], add=False), state, is_leaf=_is_variable
+        )
+        block = nnx.merge(graphdef, sliced)
+        block.layer = start + j  # the one static attribute that differs within a run
+        blocks.append(block)
+    return blocks
+
+
+def _scan_blocks(stack, start, size, remat, x, positions, mask, kv, index, routing, token_mask, aux_total):
+    """Runs a stacked block (layers start … start + size − 1) as one `lax.scan`.
+
+    The scan body merges one layer's slice of the stored [size, ...] parameters into the
+    block's graphdef and calls it with the traced layer index, which picks the layer's
+    slice of the stacked KV cache (updated in place in the carry). Nothing is stacked per
+    call, so the gradient of the parameters arrives stacked too. The activation sharding
+    hints of the unrolled loop sit inside the body; with `remat` the body is
+    rematerialised (`jax.checkpoint`), i.e. per block as in the unrolled decoder.
 
     Args:
-      blocks: n ≥ 2 `Block`s of one `layer_runs` range.
-      start: index of the first one.
-      routing: [n, B, T, k] replayed expert choices of these (MoE) layers, or None.
+      stack: a `stack_blocks` Block.
+      start, size: its first layer and number of layers.
+      routing: [size, B, T, k] replayed expert choices of these (MoE) layers, or None.
       aux_total: [2] running sum of MoE aux losses (carried, summed in layer order).
 
     Returns:
-      (x, kv, indices [n, B, T, k] or None (dense), aux_total).
+      (x, kv, indices [size, B, T, k] or None (dense), aux_total).
     """
-    graphdef = nnx.graphdef(blocks[0])
-    # equal signatures (layer_runs) → equal state trees; jnp.stack checks the shapes
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(block) for block in blocks])
-    layers = jnp.arange(start, start + len(blocks), dtype=jnp.int32)
-    is_moe = blocks[0].is_moe
+    graphdef, stacked = nnx.split(stack)
+    layers = jnp.arange(start, start + size, dtype=jnp.int32)
+    is_moe = stack.is_moe
 
     def body(carry, xs):
         x, kv, aux_total = carry
@@ -687,13 +766,11 @@ class CausalLM(nnx.Module):
       remat: wrap every decoder block in `jax.checkpoint`.
       attention_impl: "xla" (default), "cudnn", "auto" (jax picks) or "einsum".
       moe_impl: MoE expert computation, "dense" (default) or "ragged" (`moe.py`).
-      scan_layers: run runs of identical decoder blocks as one `lax.scan` (same
-        parameters and results, see `Transformer`). Forward-only programs (log-probs,
-        decoding, `generate`) then compile in nearly flat time in depth, at 1.2-2.4x
-        their run time on CPU; a training update compiles *slower* (per-layer gradient
-        slices), so leave it off for training.
-        A static attribute (`model.model.scan_layers`), so it can also be set after
-        construction or loading.
+      scan_layers: store runs of identical decoder blocks stacked ([n, ...] parameters
+        at `model.stacks.<r>`) and run each as one `lax.scan` (same weights as built
+        unrolled from the same `rngs`, same results; see `Transformer`). Compile time of
+        the training update, log-prob passes and decoding is then nearly flat in depth.
+        `layer_stacking.stack_layers` / `unstack_layers` convert a built or loaded model.
     """
 
     def __init__(

@@ -159,12 +159,15 @@ def per_device_bytes(tree: Any, mesh: MeshLike, rules: Rules = LOGICAL_AXIS_RULE
 
 
 def _gathered_bytes(
-    tree: Any, mesh: AbstractMesh, rules: Rules, axes: Sequence[str], itemsize: int
+    tree: Any, mesh: AbstractMesh, rules: Rules, axes: Sequence[str], itemsize: int,
+    per_layer: bool = False,
 ) -> dict[str, int]:
     """``{path: bytes}`` of the copy of each parameter that the compute all-gathers: the
     shard with the mesh ``axes`` (those that also split the batch, i.e. FSDP) removed from
     its spec, in ``itemsize`` bytes. Parameters not split over ``axes`` are used in place
-    (nothing gathered) and are left out."""
+    (nothing gathered) and are left out. ``per_layer``: a stacked decoder parameter
+    (``scan_layers=True``, leading [n] layers axis) counts one layer's slice, the part
+    one scan step gathers."""
     sizes = dict(mesh.shape)
     out: dict[str, int] = {}
 
@@ -176,21 +179,27 @@ def _gathered_bytes(
         kept = PartitionSpec(*(tuple(a for a in _axes(entry) if a not in axes) or None for entry in spec))
         value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
         shape = tuple(getattr(value, "shape", np.shape(value)))
-        out[jax.tree_util.keystr(path)] = _shard_elems(shape, kept, sizes) * itemsize
+        key = jax.tree_util.keystr(path)
+        layers = shape[0] if per_layer and _STACK_MARKER in key else 1
+        out[key] = _shard_elems(shape, kept, sizes) * itemsize // layers
         return None
 
     jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return out
 
 
+_STACK_MARKER = "['stacks']["
+
+
 def _layer_of(path: str) -> str:
-    """The decoder layer a parameter path belongs to (the path up to ``['layers'][i]``),
-    or the path itself for parameters outside the layers (embedding, final norm)."""
-    marker = "['layers']["
-    if marker not in path:
-        return path
-    i = path.index(marker) + len(marker)
-    return path[: path.index("]", i)]
+    """The decoder layer a parameter path belongs to (the path up to ``['layers'][i]``,
+    or ``['stacks'][r]`` for a stacked run, whose per-layer slices `_gathered_bytes`
+    counts), or the path itself for parameters outside the layers (embedding, norm)."""
+    for marker in ("['layers'][", _STACK_MARKER):
+        if marker in path:
+            i = path.index(marker) + len(marker)
+            return path[: path.index("]", i)]
+    return path
 
 
 def _make_tx(optimizer: str | optax.GradientTransformation | None) -> optax.GradientTransformation | None:
@@ -419,13 +428,14 @@ def estimate_memory(
     # gathered copy from the forward to the backward (the two gathers are one after CSE).
     batch_spec, _ = resolve_spec(("batch",), rules, shape=(batch,), mesh=amesh)
     batch_axes = _axes(batch_spec[0] if len(batch_spec) else None)
-    gathered = _gathered_bytes(params, amesh, rules, batch_axes, act_bytes)
     if tx is None or remat:  # forward only / recomputed per block: one layer's weights at a time
+        gathered = _gathered_bytes(params, amesh, rules, batch_axes, act_bytes, per_layer=True)
         groups: dict[str, int] = {}
         for path, size in gathered.items():
             groups[_layer_of(path)] = groups.get(_layer_of(path), 0) + size
         out["gathered_params"] = max(groups.values(), default=0)
     else:
+        gathered = _gathered_bytes(params, amesh, rules, batch_axes, act_bytes)
         out["gathered_params"] = sum(gathered.values())
 
     tokens = rows * L

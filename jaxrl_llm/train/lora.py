@@ -3,7 +3,9 @@ all parameters, as a parameter transformation (no change to the model code).
 
 For a target weight W with input dims I and output dims O (flattened):
   W_eff = W + (alpha / rank) · reshape(A @ B),   A: [prod(I), r] ~ N(0, 1/prod(I)), B: [r, prod(O)] = 0
-so training starts exactly at the base model. Only {A, B} are trained and checkpointed;
+so training starts exactly at the base model. A decoder stored stacked
+(`scan_layers=True`, leading [n] layers axis under `stacks`) gets stacked adapters,
+A: [n, prod(I), r], B: [n, r, prod(O)], one independent pair per layer as unrolled. Only {A, B} are trained and checkpointed;
 the base weights stay frozen; the final model has the adapters merged in.
 
 References:
@@ -66,21 +68,28 @@ def _key(path) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", jax.tree_util.keystr(path)).strip("_")
 
 
+def _is_stacked(path) -> bool:
+    """A weight of a stacked decoder run (`scan_layers=True`): leading [n] layers axis."""
+    return "stacks" in _names(path)
+
+
 def init_lora(params: Any, config: LoRAConfig, rng: jax.Array) -> dict[str, dict[str, jax.Array]]:
     """Adapters {flat key: {"a": [in, r], "b": [r, out]}} for every targeted 2-D+ weight
-    (expert-stacked MoE weights are left out)."""
+    (expert-stacked MoE weights are left out); [n, in, r] / [n, r, out] for a weight of a
+    stacked decoder run of n layers."""
     adapters = {}
     leaves = jax.tree_util.tree_leaves_with_path(params)
     for i, (path, w) in enumerate(leaves):
         name = _target(path, config)
-        if name is None or w.ndim < 2 or "experts" in _names(path):
+        lead = w.shape[:1] if _is_stacked(path) else ()  # (n,) when stacked
+        if name is None or w.ndim - len(lead) < 2 or "experts" in _names(path):
             continue
-        n_in = _INPUT_RANK.get(name, 1)
-        fan_in, fan_out = math.prod(w.shape[:n_in]), math.prod(w.shape[n_in:])
+        n_in = len(lead) + _INPUT_RANK.get(name, 1)
+        fan_in, fan_out = math.prod(w.shape[len(lead) : n_in]), math.prod(w.shape[n_in:])
         key = jax.random.fold_in(rng, i)
         adapters[_key(path)] = {
-            "a": jax.random.normal(key, (fan_in, config.rank), jnp.float32) / math.sqrt(fan_in),
-            "b": jnp.zeros((config.rank, fan_out), jnp.float32),
+            "a": jax.random.normal(key, (*lead, fan_in, config.rank), jnp.float32) / math.sqrt(fan_in),
+            "b": jnp.zeros((*lead, config.rank, fan_out), jnp.float32),
         }
     if not adapters:
         raise ValueError(f"LoRA targets {config.targets} match no parameter of the model")
@@ -95,7 +104,7 @@ def apply_lora(params: Any, adapters: dict, config: LoRAConfig) -> Any:
         adapter = adapters.get(_key(path))
         if adapter is None:
             return w
-        delta = (adapter["a"] @ adapter["b"]).reshape(w.shape) * scale
+        delta = (adapter["a"] @ adapter["b"]).reshape(w.shape) * scale  # batched over layers
         return (w.astype(jnp.float32) + delta).astype(w.dtype)
 
     return jax.tree_util.tree_map_with_path(add, params)

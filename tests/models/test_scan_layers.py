@@ -1,8 +1,9 @@
-"""`scan_layers=True` (runs of identical decoder blocks as one `lax.scan`) against the
-unrolled decoder, for every family: which layers are scanned, the same parameters and
-checkpoints, logits on right- and left-padded rows (jitted and eager), prefill + decode
-with a KV cache, gradients, MoE routing record/replay and aux losses, remat, and a
-sharded forward/backward on the 8-device CPU mesh.
+"""`scan_layers=True` (runs of identical decoder blocks stored stacked and run as one
+`lax.scan`) against the unrolled decoder, for every family: which layers are stacked,
+the stacked layout and its conversions (`stack_layers` / `unstack_layers`, HF export and
+load), logits on right- and left-padded rows (jitted and eager), prefill + decode with a
+KV cache, gradients, MoE routing record/replay and aux losses, remat, and a sharded
+forward/backward on the 8-device CPU mesh.
 
 The unrolled reference of each family is computed once (`_reference`) and shared by
 the tests, so each compiles only its scanned program."""
@@ -17,6 +18,7 @@ import pytest
 from flax import nnx
 
 from jaxrl_llm.models import CausalLM, ScalarHeadModel, load_hf, save_hf
+from jaxrl_llm.models.layer_stacking import is_stacked, per_layer_state, stack_layers, unstack_layers
 from jaxrl_llm.models.transformer import layer_runs
 from tests.models.helpers import VOCAB as V
 from tests.models.helpers import padded_batch, scale_params, small_config
@@ -44,9 +46,14 @@ def _pair(family, *, remat_scanned=False, seed=0):
     """(unrolled, scanned) CausalLMs of the family's case with the same O(1) weights."""
     cfg = small_config(family, **CASES[family][0])
     unrolled = scale_params(CausalLM(cfg, rngs=nnx.Rngs(seed)), seed=seed)
-    scanned = CausalLM(cfg, rngs=nnx.Rngs(seed + 1), scan_layers=True, remat=remat_scanned)
-    nnx.update(scanned, nnx.state(unrolled))  # same state tree: raises otherwise
+    scanned = stack_layers(unrolled)
+    scanned.model.remat = remat_scanned
     return unrolled, scanned
+
+
+def _per_layer(model, grads):
+    """Gradients of a stacked model (an `nnx.State` of its layout) in the per-layer one."""
+    return per_layer_state(nnx.merge(nnx.graphdef(model), grads))
 
 
 def _batch(rows=3):
@@ -130,24 +137,37 @@ def test_layer_runs(family):
     assert layer_runs(alternating.model) == [(0, 1), (1, 2), (2, 3), (3, 4)]
 
 
-def test_same_parameters_and_checkpoints(tmp_path):
-    unrolled, scanned = _pair("qwen3_moe")
-
-    def paths(model):
-        leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model))
-        return {(jax.tree_util.keystr(p), x.shape, x.dtype) for p, x in leaves}
-
-    assert paths(unrolled) == paths(scanned)
-    assert any(p.startswith("['model']['layers'][2]['mlp']['router']") for p, _, _ in paths(scanned))
+def test_stacked_layout_and_conversions(tmp_path):
+    unrolled, scanned = _pair("qwen3_moe")  # a dense block, then a run of two MoE blocks
+    params = nnx.state(scanned, nnx.Param)
+    router = params["model"]["stacks"][1]["mlp"]["router"]
+    assert router.shape == (2, *unrolled.model.layers[1].mlp.router.shape)
+    assert router.get_metadata()["out_sharding"][0] == "layers"  # the leading axis' logical name
+    assert params["model"]["stacks"][0]["mlp"]["up_proj"].shape[0] == 1
+    assert "layers" not in params["model"] and scanned.model.stack_ranges == ((0, 1), (1, 3))
+    assert is_stacked(scanned) and not is_stacked(unrolled) and unrolled.model.layers  # input left as it was
+    chex.assert_trees_all_equal(per_layer_state(scanned), nnx.state(unrolled, nnx.Param))
+    # round trip: the same graph (static layer indices included) and weights
+    back = unstack_layers(scanned)
+    assert nnx.graphdef(back) == nnx.graphdef(unrolled)
+    assert [block.layer for block in back.model.layers] == [0, 1, 2]
+    chex.assert_trees_all_equal(nnx.state(back), nnx.state(unrolled))
+    # a model built scanned has the weights of the one built unrolled from the same seed
+    cfg = small_config("qwen3_moe", **CASES["qwen3_moe"][0])
+    built = CausalLM(cfg, rngs=nnx.Rngs(3), scan_layers=True)
+    chex.assert_trees_all_equal(per_layer_state(built), nnx.state(CausalLM(cfg, rngs=nnx.Rngs(3)), nnx.Param))
+    assert nnx.graphdef(built) == nnx.graphdef(scanned)
     # HF export of the scanned model loads back into a scanned or an unrolled model
     save_hf(scanned, str(tmp_path))
     for scan in (True, False):
-        back, _ = load_hf(str(tmp_path), scan_layers=scan)
-        assert back.model.scan_layers == scan
-        chex.assert_trees_all_equal(nnx.state(back, nnx.Param), nnx.state(unrolled, nnx.Param))
+        loaded, _ = load_hf(str(tmp_path), scan_layers=scan)
+        assert is_stacked(loaded) == scan
+        chex.assert_trees_all_equal(per_layer_state(loaded), nnx.state(unrolled, nnx.Param))
     # the flag threads through the other builders
     head = ScalarHeadModel(small_config("llama"), rngs=nnx.Rngs(0), scan_layers=True)
-    assert head.model.scan_layers
+    assert is_stacked(head) and layer_runs(head.model) == [(0, 2)]
+    with pytest.raises(TypeError, match="model: expected a Transformer"):
+        stack_layers(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
 
 
 @pytest.mark.parametrize("family", FAMILIES_JIT)
@@ -160,7 +180,7 @@ def test_forward_gradients_and_decode_match_with_jit(family):
     ((lg, og), gg), decode_got = _everything(scanned, *_batch(), *_decode_inputs())
     _check_outputs(og, ow, scanned.config)
     _close(lg, lw)
-    _close(gg, gw)
+    _close(_per_layer(scanned, gg), gw)
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(nnx.state(gg, nnx.Param)))
     _close(decode_got, decode_want)
 
@@ -199,7 +219,7 @@ def test_remat_with_scan_matches(family):
     (lg, og), gg = _grad(scanned, *_batch())
     _check_outputs(og, ow, scanned.config)
     _close(lg, lw)
-    _close(gg, gw)
+    _close(_per_layer(scanned, gg), gw)
     # the scan body is rematerialised: a checkpoint inside the scan of the forward
     graphdef = nnx.graphdef(scanned)
     jaxpr = str(jax.make_jaxpr(lambda s: _loss(nnx.merge(graphdef, s), *_batch())[0])(nnx.state(scanned)))
@@ -213,11 +233,11 @@ def test_sharded_forward_and_grads_match():
     unrolled, scanned = _pair("llama")
     (lw, ow), gw = _grad(unrolled, *_batch(4))  # one device, no mesh; 4 rows = data × fsdp
     shard_model(scanned, mesh)
-    q = scanned.model.layers[1].attn.q_proj[...]
-    assert len(q.sharding.device_set) == 8 and not q.sharding.is_fully_replicated
+    q = scanned.model.stacks[0].attn.q_proj[...]  # [layers, embed, heads, head_dim]
+    assert len(q.sharding.device_set) == 8 and q.sharding.spec[:2] == (None, "fsdp")
     with sharding_context(mesh):  # activation constraints (inside the scan body) active
         (lg, og), gg = _grad(scanned, *_batch(4))
     assert len(og[0].sharding.device_set) == 8
     _check_outputs(og, ow, scanned.config, rows=4)
     _close(lg, lw)
-    _close(gg, gw)
+    _close(_per_layer(scanned, gg), gw)
