@@ -1,4 +1,5 @@
-"""Benchmark: compile time vs depth, unrolled decoder vs `scan_layers=True`.
+"""Benchmark: compile time vs depth, unrolled decoder vs `scan_layers=True` (decoder
+weights stored stacked, [L, ...] leaves, one `lax.scan`).
 
 For each depth (default 8, 16, 32 layers of a small random Llama, d = 256) and each
 decoder form, four programs are traced, lowered and compiled once, then timed:
@@ -8,10 +9,9 @@ decoder form, four programs are traced, lowered and compiled once, then timed:
                   `train_step.py` builds it (chunked log-probs, value_and_grad, clip by
                   global norm, AdamW from `make_optimizer`), on one device;
   * decode_step:  one decode step ([rows, 1] token into a KV cache of prompt + response
-                  slots) as its own jitted call (the scanned form stacks the weights on
-                  every call);
+                  slots) as its own jitted call;
   * generate:     prefill + `--len` greedy decode steps in one jitted `fori_loop`, the
-                  shape of the rollout's decode loop (XLA hoists the stacking out of it).
+                  shape of the rollout's decode loop.
 
 Per program and form: `lower_s` = trace + lower (`jax.jit(f).trace(...).lower()`, the
 Python side, which the Python layer loop makes grow with depth), `compile_s` =
@@ -217,7 +217,9 @@ def main(argv=None):
 
     common = {"bench": "compile_time", "dim": args.dim, "heads": args.heads, "kv_heads": args.kv_heads,
               "vocab": args.vocab, "rows": args.rows, "prompt_len": args.prompt_len, "response_len": args.len,
-              "programs": "+".join(args.programs), "compile_reps": args.compile_reps, "reps": args.reps}
+              "programs": "+".join(args.programs), "compile_reps": args.compile_reps, "reps": args.reps,
+              # rows before this field: weights stacked per call from per-layer storage
+              "scan_layout": "stored_stacked"}
     per_depth = {}
     for depth in args.depths:
         row = {**common, "depth": depth}

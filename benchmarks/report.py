@@ -47,6 +47,13 @@ SPECS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("step_s", "tokens_per_s", "speedup_over_sync", "step_over_ideal", "time_sampling_s", "time_sampler_s",
          "time_update_s"),
     ),
+    "compile_time": (
+        ("scan_layout", "programs", "compile_reps", "dim", "depth"),
+        ("unrolled_update_compile_cpu_s", "scanned_update_compile_cpu_s", "unrolled_generate_compile_cpu_s",
+         "scanned_generate_compile_cpu_s", "ratio_scanned_over_unrolled_update_run_s",
+         "ratio_unrolled_update_compile_32_over_8", "ratio_scanned_update_compile_32_over_8",
+         "ratio_unrolled_generate_compile_32_over_8", "ratio_scanned_generate_compile_32_over_8"),
+    ),
     "end_to_end": (
         ("layers", "dim", "prompts", "group", "new_tokens", "inner_updates"),
         ("time_sampling_s", "time_logprobs_s", "time_update_s", "fraction_sampling", "fraction_update"),

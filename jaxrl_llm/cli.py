@@ -51,17 +51,17 @@ ENV_HELP = ("multi-turn environment factory, path/to/file.py:factory or package.
             "episodes scored by the environment instead of --reward; docs/tools.md)")
 
 
-def _load_policy(spec: str):
+def _load_policy(spec: str, scan_layers: bool = False):
     if spec.startswith("tiny:"):
         from flax import nnx
 
         from jaxrl_llm.models import CausalLM, tiny_config
 
-        return CausalLM(tiny_config(spec.split(":", 1)[1]), rngs=nnx.Rngs(0))
+        return CausalLM(tiny_config(spec.split(":", 1)[1]), rngs=nnx.Rngs(0), scan_layers=scan_layers)
     from jaxrl_llm.models import load_hf
     from jaxrl_llm.models.named import resolve_spec
 
-    return load_hf(resolve_spec(spec))[0]
+    return load_hf(resolve_spec(spec), scan_layers=scan_layers)[0]
 
 
 def _load_tokenizer(spec: str):
@@ -146,7 +146,7 @@ def _sft(args: argparse.Namespace) -> int:
     _require(args, "policy", "tokenizer", "data")
     config = load_config(sft.SFTConfig, args.config, args.overrides)
     examples = load_records(args.data, required=())
-    result = sft.train(config, policy=_load_policy(args.policy), tokenizer=_load_tokenizer(args.tokenizer), examples=examples)
+    result = sft.train(config, policy=_load_policy(args.policy, args.scan_layers), tokenizer=_load_tokenizer(args.tokenizer), examples=examples)
     _finish(result)
     return 0
 
@@ -169,7 +169,7 @@ def _grpo(args: argparse.Namespace) -> int:
     typed = from_dict(grpo.GRPOConfig, given)
     config = grpo.GRPOConfig.preset(args.preset, **{k: getattr(typed, k) for k in given})
     _require_reward(args, config)
-    result = grpo.train(config, policy=_load_policy(args.policy), tokenizer=_load_tokenizer(args.tokenizer),
+    result = grpo.train(config, policy=_load_policy(args.policy, args.scan_layers), tokenizer=_load_tokenizer(args.tokenizer),
                         prompts=load_records(args.data, required=()))
     _finish(result)
     return 0
@@ -183,7 +183,7 @@ def _dpo(args: argparse.Namespace) -> int:
     _require(args, "policy", "tokenizer", "data")
     config = load_config(dpo.DPOConfig, args.config, args.overrides)
     preferences = load_records(args.data, required=())
-    result = dpo.train(config, policy=_load_policy(args.policy), tokenizer=_load_tokenizer(args.tokenizer),
+    result = dpo.train(config, policy=_load_policy(args.policy, args.scan_layers), tokenizer=_load_tokenizer(args.tokenizer),
                        preferences=preferences)
     _finish(result)
     return 0
@@ -196,7 +196,7 @@ def _distill(args: argparse.Namespace) -> int:
 
     _require(args, "policy", "teacher", "tokenizer", "data")
     config = load_config(distill.DistillConfig, args.config, args.overrides)
-    result = distill.train(config, student=_load_policy(args.policy), teacher=_load_policy(args.teacher),
+    result = distill.train(config, student=_load_policy(args.policy, args.scan_layers), teacher=_load_policy(args.teacher, args.scan_layers),
                            tokenizer=_load_tokenizer(args.tokenizer), prompts=load_records(args.data, required=()))
     _finish(result)
     return 0
@@ -210,7 +210,7 @@ def _online_dpo(args: argparse.Namespace) -> int:
     _require(args, "policy", "tokenizer", "data")
     config = from_dict(online_dpo.OnlineDPOConfig, _config_dict(args))
     _require_reward(args, config)
-    result = online_dpo.train(config, policy=_load_policy(args.policy), tokenizer=_load_tokenizer(args.tokenizer),
+    result = online_dpo.train(config, policy=_load_policy(args.policy, args.scan_layers), tokenizer=_load_tokenizer(args.tokenizer),
                               prompts=load_records(args.data, required=()))
     _finish(result)
     return 0
@@ -224,7 +224,7 @@ def _rft(args: argparse.Namespace) -> int:
     _require(args, "policy", "tokenizer", "data")
     config = from_dict(rft.RFTConfig, _config_dict(args))
     _require_reward(args, config)
-    result = rft.train(config, policy=_load_policy(args.policy), tokenizer=_load_tokenizer(args.tokenizer),
+    result = rft.train(config, policy=_load_policy(args.policy, args.scan_layers), tokenizer=_load_tokenizer(args.tokenizer),
                        prompts=load_records(args.data, required=()))
     _finish(result)
     return 0
@@ -237,7 +237,7 @@ def _reward_model(args: argparse.Namespace) -> int:
 
     _require(args, "policy", "tokenizer", "data")
     config = load_config(reward_model.RewardConfig, args.config, args.overrides)
-    result = reward_model.train(config, model=_load_policy(args.policy), tokenizer=_load_tokenizer(args.tokenizer),
+    result = reward_model.train(config, model=_load_policy(args.policy, args.scan_layers), tokenizer=_load_tokenizer(args.tokenizer),
                                 preferences=load_records(args.data, required=()))
     _finish(result)
     return 0
@@ -252,7 +252,7 @@ def _ppo(args: argparse.Namespace) -> int:
     config = from_dict(ppo.PPOConfig, _config_dict(args))
     if args.reward_model is None:
         _require_reward(args, config)
-    result = ppo.train(config, policy=_load_policy(args.policy), tokenizer=_load_tokenizer(args.tokenizer),
+    result = ppo.train(config, policy=_load_policy(args.policy, args.scan_layers), tokenizer=_load_tokenizer(args.tokenizer),
                        prompts=load_records(args.data, required=()), reward_model=args.reward_model)
     _finish(result)
     return 0
@@ -307,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(smollm2-135m-instruct; the list: jaxrl_llm/models/named.py)")
         p.add_argument("--tokenizer", help="HF tokenizer dir, 'char' or a named model (default: the named --policy)")
         p.add_argument("--data", help="JSONL / JSON / parquet / saved datasets dir")
+        p.add_argument("--scan-layers", action="store_true",
+                       help="store the decoder's identical layers stacked and run them as one lax.scan: "
+                            "compile time nearly flat in depth (checkpoints keep this layout; HF export "
+                            "does not)")
         p.add_argument("overrides", nargs="*", help="key=value config overrides (dotted keys nest)")
         p.set_defaults(func=func)
         return p

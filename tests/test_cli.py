@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import yaml
@@ -47,6 +48,28 @@ def test_sft_stage(tmp_path):
                  f"run.output_dir={out}", "run.total_steps=2", "run.progress=false", "batch_size=4", "max_len=16"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all("loss" in r for r in rows)
+
+
+def test_scan_layers_flag_trains_the_same_model_and_exports_it_per_layer(tmp_path):
+    from flax import nnx
+
+    from jaxrl_llm.models import load_hf
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["answer"]}) + "\n"
+                            for r in make_arithmetic_dataset(8, 0)))
+    losses, params = {}, {}
+    for flag in ([], ["--scan-layers"]):
+        out = tmp_path / ("scan" if flag else "plain")
+        assert main(["sft", "--policy", "tiny:llama", "--tokenizer", "char", "--data", str(data), *flag,
+                     f"run.output_dir={out}", "run.total_steps=2", "run.progress=false", "batch_size=4",
+                     "max_len=16"]) == 0
+        losses[out.name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        exported, _ = load_hf(str(out / "export"))  # HF layout whatever the training layout
+        params[out.name] = [np.asarray(x) for x in jax.tree.leaves(nnx.state(exported, nnx.Param))]
+    np.testing.assert_allclose(losses["scan"], losses["plain"], rtol=1e-4)
+    for got, want in zip(params["scan"], params["plain"], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_missing_inputs_and_bad_keys(tmp_path, arithmetic_jsonl):

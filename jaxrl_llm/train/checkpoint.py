@@ -103,7 +103,28 @@ def describe_mismatch(saved: Any, expected: Any, limit: int = 8) -> list[str]:
             )
     if len(lines) > limit:
         lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
-    return lines
+    layout = _layout_hint(saved_leaves.keys(), expected_leaves.keys())
+    return [layout, *lines] if layout else lines
+
+
+def _decoder_layout(keys) -> str | None:
+    if any(".stacks." in k for k in keys):
+        return "stacked (scan_layers=True)"
+    if any(".layers." in k for k in keys):
+        return "per layer (scan_layers=False)"
+    return None
+
+
+def _layout_hint(saved_keys, expected_keys) -> str | None:
+    """The likely cause when the two trees store the decoder in different layouts."""
+    saved, expected = _decoder_layout(saved_keys), _decoder_layout(expected_keys)
+    if saved and expected and saved != expected:
+        return (
+            f"the checkpoint stores the decoder {saved}, the model being restored {expected}: "
+            "build the model in the checkpoint's layout (load_hf(..., scan_layers=...), CLI "
+            "--scan-layers; or models.stack_layers / unstack_layers)"
+        )
+    return None
 
 
 def _saved_state_metadata(step_dir: Path) -> Any:

@@ -68,6 +68,7 @@ from jaxrl_llm.data.formats import check_formats
 from jaxrl_llm.data.prompts import OVERLONG_PROMPT_POLICIES, PromptBatch, PromptLoader
 from jaxrl_llm.data.tokenization import decode_ids, eos_id, pad_id
 from jaxrl_llm.models.heads import ScalarHeadModel, ValueModel
+from jaxrl_llm.models.layer_stacking import is_stacked
 from jaxrl_llm.ops.policy_losses import PPO_TOKEN_MEAN_METRICS, VALUE_TOKEN_MEAN_METRICS
 from jaxrl_llm.parallel.placement import MeshConfig, Placement
 from jaxrl_llm.parallel.sharding import create_sharded
@@ -495,7 +496,8 @@ def make_critic(policy: nnx.Module, *, seed: int = 0, placement: Placement | Non
 
     With a ``placement`` the critic is built directly in its sharding (no whole copy of
     the backbone on one device) and returned placed by the rules."""
-    build = lambda: ValueModel(policy.config, rngs=nnx.Rngs(seed))  # noqa: E731
+    # the policy's decoder layout (stacked or per layer), so its state drops in
+    build = lambda: ValueModel(policy.config, rngs=nnx.Rngs(seed), scan_layers=is_stacked(policy))  # noqa: E731
     critic = build() if placement is None else create_sharded(build, placement.mesh, placement.rules)
     nnx.update(critic.model, jax.tree.map(jnp.array, nnx.state(policy.model, nnx.Param)))
     critic.score[...] = jnp.zeros_like(critic.score[...])

@@ -44,6 +44,7 @@ from jaxrl_llm.data.preferences import (
 from jaxrl_llm.data.formats import check_formats
 from jaxrl_llm.data.padding import check_bucket
 from jaxrl_llm.models.heads import RewardModel, ScalarHeadModel
+from jaxrl_llm.models.layer_stacking import is_stacked
 from jaxrl_llm.models.transformer import CausalLM
 from jaxrl_llm.parallel.placement import MeshConfig, Placement, forward_rows
 from jaxrl_llm.train.guard import apply_if_finite
@@ -195,7 +196,7 @@ def as_reward_model(model: Any, pool: str = "last", *, seed: int = 0,
             raise ValueError('the reward model must pool to one score per sequence (pool "last" or "mean"), got "none"')
         rm = model
     elif isinstance(model, CausalLM):
-        rm = RewardModel(model.config, rngs=nnx.Rngs(seed), pool=pool)
+        rm = RewardModel(model.config, rngs=nnx.Rngs(seed), pool=pool, scan_layers=is_stacked(model))
         nnx.update(rm.model, jax.tree.map(jnp.array, nnx.state(model.model, nnx.Param)))
     else:
         raise ValueError("model must be a RewardModel, a CausalLM or a local checkpoint path, got "
