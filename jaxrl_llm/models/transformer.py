@@ -437,7 +437,6 @@ class Transformer(nnx.Module):
         self.config = config
         self.dtype = dtype
         self.remat = remat
-        self.scan_layers = scan_layers
         self.embed = make_param(
             rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), param_dtype
         )
@@ -470,7 +469,6 @@ class Transformer(nnx.Module):
         self.stacks = nnx.List([stack_blocks(blocks[start:stop]) for start, stop in runs])
         if "layers" in vars(self):
             del self.layers
-        self.scan_layers = True
 
     def set_layers(self, blocks: list[Block]) -> None:
         """Stores `blocks` per layer (`self.layers`), the unrolled decoder."""
@@ -478,7 +476,12 @@ class Transformer(nnx.Module):
         for name in ("stacks", "stack_ranges"):
             if name in vars(self):
                 delattr(self, name)
-        self.scan_layers = False
+
+    @property
+    def scan_layers(self) -> bool:
+        """Whether the decoder is stored stacked. Read-only: the layout is the parameter
+        tree's, so convert with `layer_stacking.stack_layers` / `unstack_layers`."""
+        return "stacks" in vars(self)
 
     def blocks(self) -> list[Block]:
         """The decoder as per-layer `Block`s (slices of the stacks when scanned: new

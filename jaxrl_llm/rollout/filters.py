@@ -317,8 +317,9 @@ def sample_token(
 
     token ~ Categorical(softmax(process_logits(logits, ...))), and
     logprob = log_softmax(process_logits(logits, ...))[token].
-    The draw is `categorical.sample_categorical` (two-level inverse CDF, 2 uniforms per
-    row), not Gumbel-max over the whole vocabulary: same distribution, far less work.
+    The draw is `categorical.sample_categorical` (Gumbel-max over blocks of 256 tokens,
+    then within the drawn block), not Gumbel noise on the whole vocabulary: the same
+    distribution from ~√V noise draws per row instead of V.
 
     Greedy decoding: with temperature == 0 the token is ``argmax(logits)`` (lowest id on
     ties) and its logprob is **0.0**, the log-probability under the degenerate one-token

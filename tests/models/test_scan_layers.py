@@ -166,6 +166,8 @@ def test_stacked_layout_and_conversions(tmp_path):
     # the flag threads through the other builders
     head = ScalarHeadModel(small_config("llama"), rngs=nnx.Rngs(0), scan_layers=True)
     assert is_stacked(head) and layer_runs(head.model) == [(0, 2)]
+    with pytest.raises(AttributeError, match="scan_layers"):
+        unrolled.model.scan_layers = True  # the layout is the parameter tree's: convert instead
     with pytest.raises(TypeError, match="model: expected a Transformer"):
         stack_layers(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
 

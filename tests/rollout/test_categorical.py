@@ -1,6 +1,7 @@
-"""Two-level inverse-CDF categorical sampling against numpy: the index rule (a worked
-example and `np.searchsorted`), never a zero-probability entry, and the sampled
-frequencies of distributions with mass at block boundaries and in the padded last block."""
+"""Two-level Gumbel-max categorical sampling: the sampled frequencies of distributions
+with mass at block boundaries and in the padded last block (chi-square, total
+variation), never a zero-probability entry, the check's power, and robustness of the
+drawn token to float-level noise in the log-probs."""
 
 import chex
 import jax
@@ -9,30 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jaxrl_llm.rollout.categorical import inverse_cdf, sample_categorical
-
-
-class InverseCdfTest(chex.TestCase):
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_worked_example_and_clamp(self):
-        weights = jnp.asarray([[0.0, 1.0, 0.0, 2.0, 0.0]] * 6)  # cdf 0, 1, 1, 3, 3
-        # u·3: 0 → index 1; 0.99 → 1; 1.0 → 3 (cdf 1 <= 1); 2.97 → 3; just below 3 → 3;
-        # u = 1 (outside [0, 1), as a rounded-up u·total would act) → clamped to 3, not 4
-        u = jnp.asarray([0.0, 0.33, 1 / 3, 0.99, 1 - 2**-24, 1.0])
-        got = self.variant(inverse_cdf)(weights, u)
-        np.testing.assert_array_equal(got, [1, 1, 3, 3, 3, 3])
-
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_matches_numpy_searchsorted(self):
-        rng = np.random.default_rng(0)
-        weights = rng.random((64, 37)) * (rng.random((64, 37)) < 0.5)
-        weights[:, 5] += 0.1  # at least one positive weight per row
-        u = rng.random(64)
-        got = np.asarray(self.variant(inverse_cdf)(jnp.asarray(weights, jnp.float32), jnp.asarray(u, jnp.float32)))
-        cdf = np.cumsum(weights.astype(np.float32), -1)
-        want = [np.searchsorted(c, ui * c[-1], side="right") for c, ui in zip(cdf, u.astype(np.float32))]
-        np.testing.assert_array_equal(got, want)
-        assert (weights[np.arange(64), got] > 0).all()
+from jaxrl_llm.rollout.categorical import sample_categorical
 
 
 def _draws(logprobs, n, block, seed=0):
@@ -81,3 +59,17 @@ def test_one_token_rows_and_shapes():
     chex.assert_shape(tokens, (3,))
     assert tokens.dtype == jnp.int32
     np.testing.assert_array_equal(tokens, [0, 257, 299])
+
+
+def test_float_noise_almost_never_changes_the_token():
+    """Another mesh or micro-batching changes logits at the float32 rounding level; an
+    argmax of noisy scores flips only when two are that close. Relative noise 1e-5 on
+    4 096-entry rows, same keys, 20 000 draws: measured 1 changed draw (5e-5). A
+    two-level inverse CDF, whose token moves whenever its uniform is near one of the
+    cumulative-sum boundaries, changed 19 (9.5e-4) and fails this bound."""
+    v, n = 4096, 5000
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, v)) * 2, jnp.float32)
+    noisy = logits * (1 + 1e-5 * jnp.asarray(np.random.default_rng(1).normal(size=(4, v)), jnp.float32))
+    a = _draws(jax.nn.log_softmax(logits), n, 256)
+    b = _draws(jax.nn.log_softmax(noisy), n, 256)
+    assert np.mean(a != b) < 3e-4, np.mean(a != b)

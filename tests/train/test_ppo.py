@@ -306,11 +306,14 @@ def test_reward_model_shared_critic_kl_in_loss(tmp_path):
 
 def test_adaptive_beta_moves_toward_target(tmp_path):
     # target far below the measured KL → β grows; far above → β shrinks; each step
-    # follows the Ziegler et al. update from the logged KL.
+    # follows the Ziegler et al. update from the logged KL. The k3 estimator (≥ 0): the
+    # sign of k1's sample mean over these 64 tokens is noise (measured −0.03 and −0.24 at
+    # steps 1 and 3 of one run), and the sign alone decides the controller's direction.
+    # Step 0 always shrinks β (policy = reference: KL 0); 5 steps leave room for one more.
     for target, grows in ((1e-4, True), (1e3, False)):
         config = base_config(tmp_path, name=f"t{target}", kl_schedule="adaptive", kl_coef=0.1, kl_target=target,
-                             kl_horizon=40.0, run=RunConfig(output_dir=str(tmp_path / f"t{target}"), total_steps=4,
-                                                             progress=False))
+                             kl_horizon=40.0, kl_kind="k3",
+                             run=RunConfig(output_dir=str(tmp_path / f"t{target}"), total_steps=5, progress=False))
         result = train(config, policy=tiny_policy(), tokenizer=CharTokenizer(), prompts=PROMPTS, reward_fn=count_reward)
         h = result.history
         for prev, nxt in zip(h, h[1:]):
