@@ -17,3 +17,30 @@ jax.config.update(
     os.environ.get("JAXRL_LLM_TEST_CACHE", os.path.join(tempfile.gettempdir(), "jaxrl_llm_test_jax_cache")),
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _write_cache_entries_atomically() -> None:
+    """JAX's file cache (``LRUCache.put``, eviction off) writes an entry in place, with
+    no lock, so one xdist worker can read an entry the other is still writing and
+    deserialize a partial executable: a segfault, seen once in a full run. Write to a
+    temporary file and rename it: a reader sees a whole entry or none."""
+    try:
+        from jax._src import lru_cache
+    except ImportError:  # another jax layout: keep its own writes
+        return
+    original = lru_cache.LRUCache.put
+
+    def put(self, key: str, value: bytes) -> None:
+        if getattr(self, "eviction_enabled", True) or not key:
+            return original(self, key, value)  # locked path (or its own error)
+        path = self.path / f"{key}{lru_cache._CACHE_SUFFIX}"
+        if path.exists():
+            return
+        temporary = self.path / f".{key}.{os.getpid()}.tmp"
+        temporary.write_bytes(value)
+        os.replace(temporary, path)
+
+    lru_cache.LRUCache.put = put
+
+
+_write_cache_entries_atomically()
