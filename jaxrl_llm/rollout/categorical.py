@@ -17,6 +17,12 @@ uniform falls within rounding of any of the cumulative-sum boundaries: 19× as m
 changed draws under 1e-5 relative noise at V = 4 096 (`tests/rollout/test_categorical.py`),
 enough to break the equality of GRPO runs across meshes in the test suite.
 
+Not yet the default of `filters.sample_token` (which still adds Gumbel noise to every
+entry): switching changes every sampled trajectory, and in one full test run the quick
+token-vs-sequence-reward experiment's critic-credit claim then missed its margin (0.235
+vs 0.25); the experiments' claims are to be re-verified on full runs before the switch.
+Call it directly on log-probs meanwhile.
+
 Entries of probability 0 (filtered tokens: −inf or `FILTER_VALUE` log-probs, and the
 padding of the last block) are never drawn: their noisy score stays far below any kept
 entry's, and a block without mass has log-mass −inf.
